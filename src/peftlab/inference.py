@@ -1,0 +1,98 @@
+"""Evaluation and prediction with a saved adapter (peftlab's or plain peft's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+from torch.utils.data import DataLoader
+
+from peftlab.artifacts import LoadedAdapter, load_adapter
+from peftlab.config import DataConfig, apply_overrides
+from peftlab.data import load_eval_file, load_splits
+from peftlab.errors import ConfigError, DataError
+from peftlab.model import max_positions
+
+_DEFAULT_DATA = {"train_file": None}
+
+
+def data_config(loaded: LoadedAdapter, file: str | None, overrides: list[str] | None) -> DataConfig:
+    """The run's data config (or defaults for plain peft adapters), with overrides."""
+    raw = loaded.config.data.model_dump() if loaded.config else {}
+    if file:
+        raw.update(builtin=None, dataset=None, train_file=file, validation_file=None, test_file=None,
+                   eval_split=None)
+    elif not loaded.config:
+        raise ConfigError(f"{loaded.path} was not made by peftlab, so it has no data of its own",
+                          "pass --data FILE (CSV / JSON Lines / Parquet)")
+    raw = apply_overrides({"data": raw}, [o for o in overrides or []])["data"]
+    unknown = [k for k in raw if k not in DataConfig.model_fields]
+    if unknown:
+        raise ConfigError(f"unknown data option `{unknown[0]}`")
+    try:
+        return DataConfig.model_validate(raw)
+    except Exception as error:
+        raise ConfigError(f"invalid data options: {error}") from None
+
+
+def _max_length(loaded: LoadedAdapter, data: DataConfig) -> int:
+    if "max_length" in loaded.record:
+        return min(data.max_length, loaded.record["max_length"])
+    reserved = getattr(loaded.model.active_peft_config, "num_virtual_tokens", 0) or 0
+    return min(data.max_length, max_positions(loaded.model.config, loaded.tokenizer) - reserved)
+
+
+def _dataset(loaded: LoadedAdapter, data: DataConfig, file: str | None, split: str) -> datasets.Dataset:
+    if file:
+        return load_eval_file(file)
+    splits = load_splits(data, seed=loaded.config.training.seed if loaded.config else 42)
+    if split not in splits:
+        raise DataError(f'no "{split}" split in the run\'s data', f"available: {', '.join(splits)}")
+    return splits[split]
+
+
+def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "eval",
+             overrides: list[str] | None = None, base: str | None = None, batch_size: int = 64,
+             device: str | None = None) -> dict[str, Any]:
+    """Metrics of an adapter on its run's evaluation split, another split, or a file."""
+    loaded = load_adapter(adapter_dir, base=base, device=device)
+    cfg = data_config(loaded, data, overrides)
+    dataset = _dataset(loaded, cfg, data, split)
+    if len(dataset) == 0:
+        raise DataError("the evaluation data is empty")
+    from peftlab.data import require_columns
+
+    require_columns(dataset, {"label_column": cfg.label_column}, "the evaluation data")
+    encoded = loaded.task.encode(dataset, loaded.tokenizer, cfg, loaded.meta, _max_length(loaded, cfg),
+                                 "the evaluation data")
+    loader = DataLoader(encoded, batch_size=batch_size, collate_fn=loaded.task.collator(loaded.tokenizer))
+    return loaded.task.evaluate(loaded.model, loader, loaded.meta)
+
+
+def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None = None,
+            pairs: list[str] | None = None, file: str | None = None, overrides: list[str] | None = None,
+            base: str | None = None, batch_size: int = 32, device: str | None = None) -> list[dict[str, Any]]:
+    """Predictions for texts (optionally text pairs) or the rows of a file."""
+    loaded = adapter_dir if isinstance(adapter_dir, LoadedAdapter) else load_adapter(adapter_dir, base=base,
+                                                                                      device=device)
+    if loaded.config:
+        cfg = loaded.config.data
+        if overrides:
+            cfg = DataConfig.model_validate(apply_overrides({"data": cfg.model_dump()}, overrides)["data"])
+    else:
+        cfg = data_config(loaded, file or "<inline>", overrides) if file else DataConfig(train_file="<inline>")
+    if file:
+        rows = list(load_eval_file(file))
+    elif texts:
+        if pairs and len(pairs) != len(texts):
+            raise ConfigError(f"{len(texts)} --text but {len(pairs)} --pair", "give one --pair per --text")
+        if cfg.text_pair_column and not pairs:
+            raise ConfigError(f"this adapter classifies text pairs ({cfg.text_column}, {cfg.text_pair_column})",
+                              "give a --pair for each --text")
+        rows = [{cfg.text_column: t, **({cfg.text_pair_column or "text_pair": p} if pairs else {})}
+                for t, p in zip(texts, pairs or [None] * len(texts))]
+    else:
+        raise ConfigError("nothing to predict", "pass --text \"...\" (repeatable) or --file FILE")
+    return loaded.task.predict(loaded.model, loaded.tokenizer, rows, cfg, loaded.meta, _max_length(loaded, cfg),
+                               batch_size)

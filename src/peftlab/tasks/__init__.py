@@ -1,0 +1,20 @@
+"""Task families. Each is one module implementing :class:`peftlab.tasks.base.Task`."""
+
+from __future__ import annotations
+
+from peftlab.errors import ConfigError, did_you_mean
+from peftlab.tasks.base import Task
+from peftlab.tasks.seq_cls import SequenceClassification
+
+TASKS: dict[str, Task] = {
+    "seq-cls": SequenceClassification(),
+}
+
+# peft's task_type -> our task family (for adapters made with plain peft)
+PEFT_TASK_TYPES = {task.peft_task_type: name for name, task in TASKS.items()}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f'unknown task "{name}"{did_you_mean(name, TASKS)}', f"known: {', '.join(TASKS)}")
+    return TASKS[name]

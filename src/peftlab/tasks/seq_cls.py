@@ -1,0 +1,211 @@
+"""Sequence classification (and regression): single texts or text pairs, any labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from scipy import stats
+from sklearn import metrics as skm
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from peftlab.config import DataConfig, ModelConfig
+from peftlab.data import require_columns
+from peftlab.errors import DataError
+from peftlab.model import load_base
+
+_HEAD_NAMES = ("classifier", "score")
+
+
+def _examples(values: Iterable[Any], limit: int = 3) -> str:
+    shown = sorted({repr(v) for v in values})
+    return ", ".join(shown[:limit]) + (" ..." if len(shown) > limit else "")
+
+
+class SequenceClassification:
+    name = "seq-cls"
+    peft_task_type = "SEQ_CLS"
+
+    def main_metric(self, meta: dict[str, Any]) -> str:
+        return "pearson" if meta.get("regression") else "accuracy"
+
+    # --- data ---------------------------------------------------------------------------
+
+    def inspect(self, splits: dict[str, datasets.Dataset], data: DataConfig) -> dict[str, Any]:
+        columns = {"text_column": data.text_column, "text_pair_column": data.text_pair_column,
+                   "label_column": data.label_column}
+        for split in ("train", "eval"):
+            require_columns(splits[split], columns, f"the {split} split")
+            for role in ("text_column", "text_pair_column"):
+                column = columns[role]
+                if column:
+                    empty = [i for i, v in enumerate(splits[split][column]) if v is None or str(v).strip() == ""]
+                    if empty:
+                        raise DataError(
+                            f'the {split} split has {len(empty)} empty value(s) in column "{column}" '
+                            f"(rows {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''})",
+                            "fill or drop those rows",
+                        )
+        if data.regression:
+            for split in ("train", "eval"):
+                bad = [v for v in splits[split][data.label_column] if not isinstance(v, (int, float))]
+                if bad:
+                    raise DataError(f"regression labels must be numbers; the {split} split has {_examples(bad)}")
+            return {"regression": True, "labels": [data.label_column]}
+
+        feature = splits["train"].features.get(data.label_column)
+        if data.labels:
+            labels, kind = list(data.labels), "name"
+            if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                   for v in splits["train"][data.label_column]):
+                kind = "index"
+        elif isinstance(feature, datasets.ClassLabel):
+            labels, kind = list(feature.names), "index"
+        else:
+            values = set(splits["train"][data.label_column])
+            if None in values:
+                raise DataError(f'the train split has missing values in the label column "{data.label_column}"')
+            numeric = all(isinstance(v, (int, np.integer)) for v in values)
+            labels, kind = [str(v) for v in sorted(values, key=(int if numeric else str))], "name"
+            if len(labels) < 2:
+                raise DataError(f'the label column "{data.label_column}" has a single value ({labels[0]!r})',
+                                "classification needs at least two labels")
+        meta = {"regression": False, "labels": labels, "label_kind": kind}
+        for split in ("train", "eval"):
+            outside = [v for v in splits[split][data.label_column] if self._label_id(v, meta) is None]
+            if outside:
+                raise DataError(
+                    f"the {split} split has {len(outside)} label(s) outside the label set "
+                    f"[{', '.join(labels)}]: {_examples(outside)}",
+                    "fix the data, or list every label in data.labels",
+                )
+        return meta
+
+    @staticmethod
+    def _label_id(value: Any, meta: dict[str, Any]) -> int | None:
+        labels = meta["labels"]
+        if meta["label_kind"] == "index":
+            if isinstance(value, (int, np.integer)) and 0 <= int(value) < len(labels):
+                return int(value)
+            return None
+        try:
+            return labels.index(str(value))
+        except ValueError:
+            return None
+
+    def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
+        text, pair, label = data.text_column, data.text_pair_column, data.label_column
+        has_labels = label in dataset.column_names
+
+        def tokenize(batch):
+            out = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_length)
+            if has_labels:
+                if meta["regression"]:
+                    out["labels"] = [float(v) for v in batch[label]]
+                else:
+                    out["labels"] = [self._label_id(v, meta) for v in batch[label]]
+            return out
+
+        encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+        if has_labels and not meta["regression"] and any(v is None for v in encoded["labels"]):
+            raise DataError(f"{where} has labels outside the label set [{', '.join(meta['labels'])}]")
+        return encoded
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase):
+        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    # --- model --------------------------------------------------------------------------
+
+    def load_model(self, model: ModelConfig, meta: dict[str, Any]):
+        labels = meta["labels"]
+        kwargs: dict[str, Any] = {"num_labels": len(labels)}
+        if meta["regression"]:
+            kwargs["problem_type"] = "regression"
+        else:
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
+        base = load_base(model, AutoModelForSequenceClassification, **kwargs)
+        if base.config.pad_token_id is None and getattr(base.config, "eos_token_id", None) is not None:
+            eos = base.config.eos_token_id
+            base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        return base
+
+    def meta_from_adapter(self, tensors: dict[str, tuple[int, ...]], base_config: Any) -> dict[str, Any]:
+        hidden = getattr(base_config, "hidden_size", None)
+        outs = [shape[0] for key, shape in tensors.items()
+                if any(f".{h}." in f".{key}" for h in _HEAD_NAMES) and key.endswith("weight") and len(shape) == 2]
+        final = [n for n in outs if n != hidden] or outs
+        if not final:
+            raise DataError("the adapter holds no classification head (classifier/score in modules_to_save)",
+                            "a seq-cls adapter must save its head, or its predictions are random")
+        num_labels = min(final)
+        id2label = getattr(base_config, "id2label", None) or {}
+        labels = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)] if len(id2label) == num_labels else [
+            f"LABEL_{i}" for i in range(num_labels)]
+        return {"regression": num_labels == 1, "labels": labels, "label_kind": "index"}
+
+    # --- evaluation and prediction ----------------------------------------------------
+
+    @torch.no_grad()
+    def _logits(self, model, batches):
+        model.eval()
+        device = next(p for p in model.parameters()).device
+        all_logits, all_labels, losses = [], [], []
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            all_logits.append(out.logits.float().cpu())
+            if "labels" in batch:
+                all_labels.append(batch["labels"].cpu())
+                losses.append(out.loss.float().item() * len(batch["labels"]))
+        logits = torch.cat(all_logits)
+        labels = torch.cat(all_labels) if all_labels else None
+        loss = sum(losses) / len(logits) if losses else None
+        return logits, labels, loss
+
+    def evaluate(self, model, batches, meta):
+        logits, labels, loss = self._logits(model, batches)
+        if labels is None:
+            raise DataError("the evaluation data has no labels")
+        result: dict[str, float] = {"loss": loss, "samples": float(len(labels))}
+        if meta["regression"]:
+            pred, gold = logits.squeeze(-1).numpy(), labels.numpy()
+            result["pearson"] = float(stats.pearsonr(pred, gold)[0])
+            result["spearman"] = float(stats.spearmanr(pred, gold)[0])
+            result["mse"] = float(np.mean((pred - gold) ** 2))
+            return result
+        pred, gold = logits.argmax(-1).numpy(), labels.numpy()
+        binary = len(meta["labels"]) == 2
+        result["accuracy"] = float(skm.accuracy_score(gold, pred))
+        result["f1"] = float(skm.f1_score(gold, pred, average="binary" if binary else "macro", zero_division=0))
+        result["mcc"] = float(skm.matthews_corrcoef(gold, pred))
+        return result
+
+    def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size):
+        collate = self.collator(tokenizer)
+        text, pair = data.text_column, data.text_pair_column
+        missing = [c for c in (text, pair) if c and any(c not in r for r in rows)]
+        if missing:
+            raise DataError(f'the input has no "{missing[0]}" field', f"set data.{'text_pair_column' if missing[0] == pair else 'text_column'} or rename the field")
+        outputs = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            enc = tokenizer([r[text] for r in chunk], [r[pair] for r in chunk] if pair else None,
+                            truncation=True, max_length=max_length)
+            batch = collate([{k: enc[k][i] for k in enc} for i in range(len(chunk))])
+            logits, _, _ = self._logits(model, [batch])
+            for row, row_logits in zip(chunk, logits):
+                record = {"text": row[text]}
+                if pair:
+                    record["text_pair"] = row[pair]
+                if meta["regression"]:
+                    record["score"] = float(row_logits[0])
+                else:
+                    probs = row_logits.softmax(-1)
+                    best = int(probs.argmax())
+                    record.update(label=meta["labels"][best], score=float(probs[best]))
+                outputs.append(record)
+        return outputs
