@@ -48,6 +48,8 @@ class RunResult:
     train_seconds: float
     adapter_bytes: int
     notes: list[str] = field(default_factory=list)
+    model: PeftModel | None = field(default=None, repr=False)  # the kept adapter, in memory
+    tokenizer: Any = field(default=None, repr=False)
 
     @property
     def trainable_share(self) -> float:
@@ -245,4 +247,5 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
 
     return RunResult(output_dir=out, method=spec.name, task=config.task, main_metric=main_metric,
                      metrics=metrics, initial_metrics=initial, history=history, trainable_params=trainable,
-                     total_params=total, train_seconds=train_seconds, adapter_bytes=adapter_bytes, notes=notes)
+                     total_params=total, train_seconds=train_seconds, adapter_bytes=adapter_bytes, notes=notes,
+                     model=unwrapped.eval(), tokenizer=tokenizer)
