@@ -153,14 +153,19 @@ def methods(
         return
     table = Table(title="PEFT methods" + (f" (defaults for {model_type})" if model_type else ""))
     table.add_column("method", style="bold")
-    table.add_column("what it is")
+    table.add_column("technique")
     table.add_column("defaults")
-    table.add_column("mergeable")
+    table.add_column("kind")
+    table.add_column("merge")
     for spec in METHODS.values():
         info = describe(spec, model_type)
         defaults = ", ".join(f"{k}={v}" for k, v in info["defaults"].items())
-        table.add_row(spec.name, spec.summary, defaults or "-", "yes" if spec.mergeable else "no")
+        if spec.needs_targets and not model_type:
+            defaults = ", ".join(filter(None, [defaults, "targets per architecture"]))
+        table.add_row(spec.name, spec.title, defaults or "-", "prompt" if spec.prompt_learning else "weights",
+                      "yes" if spec.mergeable else "no")
     out.print(table)
+    out.print("`peftlab methods NAME` shows one in full; --model-type shows an architecture's defaults.")
 
 
 @app.command()
@@ -180,9 +185,9 @@ def main() -> None:
     try:
         app()
     except PeftlabError as error:
-        err.print(f"[bold red]error:[/bold red] {error.message}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {error.message}", highlight=False, soft_wrap=True)
         if error.hint:
-            err.print(f"[dim]hint:[/dim] {error.hint}", highlight=False)
+            err.print(f"[dim]hint:[/dim] {error.hint}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; no output was written")

@@ -17,7 +17,7 @@ from peftlab.config import DataConfig
 from peftlab.errors import DataError, did_you_mean
 
 datasets.disable_progress_bars()
-datasets.logging.set_verbosity_error()
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # failures become DataError messages
 
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import peft
+import torch
 from peft.utils import constants as peft_tables
 
 from peftlab.errors import MethodError, did_you_mean
@@ -59,6 +60,7 @@ class MethodSpec:
     """What peftlab knows about one technique."""
 
     name: str
+    title: str
     summary: str
     config_cls: type[peft.PeftConfig]
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +127,7 @@ def get_method(name: str) -> MethodSpec:
 
 register(MethodSpec(
     name="lora",
+    title="Low-rank adaptation",
     summary="LoRA: trainable low-rank updates added to chosen weight matrices (Hu et al. 2021).",
     config_cls=peft.LoraConfig,
     defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
@@ -134,6 +137,7 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     name="ia3",
+    title="IA3 activation scaling",
     summary="IA3: learned vectors that rescale keys, values and feed-forward activations (Liu et al. 2022).",
     config_cls=peft.IA3Config,
     arch_defaults=_ia3_arch,
@@ -142,6 +146,7 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     name="prefix",
+    title="Prefix tuning (MLP-reparameterised)",
     summary="Prefix tuning: trainable key/value prefixes in every layer, reparameterised by an MLP "
             "during training (Li & Liang 2021).",
     config_cls=peft.PrefixTuningConfig,
@@ -150,6 +155,7 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     name="ptuning-v2",
+    title="P-tuning v2 (deep prompts)",
     summary="P-tuning v2: deep prompts in every layer, trained directly without reparameterisation "
             "(Liu et al. 2021); prefix tuning as used for understanding tasks.",
     config_cls=peft.PrefixTuningConfig,
@@ -158,6 +164,7 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     name="prompt",
+    title="Prompt tuning (soft prompt)",
     summary="Prompt tuning: trainable soft-prompt embeddings prepended to the input (Lester et al. 2021).",
     config_cls=peft.PromptTuningConfig,
     defaults={"num_virtual_tokens": 20, "prompt_tuning_init": "RANDOM"},
@@ -165,11 +172,25 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     name="ptuning",
+    title="P-tuning (prompt encoder)",
     summary="P-tuning: virtual input tokens produced by a prompt encoder, MLP or LSTM (Liu et al. 2021).",
     config_cls=peft.PromptEncoderConfig,
     defaults={"num_virtual_tokens": 20, "encoder_hidden_size": 128, "encoder_reparameterization_type": "MLP"},
     prompt_learning=True,
 ))
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the model's linear layers (what ``target_modules`` can name)."""
+    names = {name.split(".")[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"}
+    return sorted(names)
+
+
+def _registered_tasks() -> list[str]:
+    from peftlab.tasks import TASKS
+
+    return list(TASKS)
 
 
 def describe(spec: MethodSpec, model_type: str | None = None) -> dict[str, Any]:
@@ -181,7 +202,7 @@ def describe(spec: MethodSpec, model_type: str | None = None) -> dict[str, Any]:
         "defaults": dict(spec.defaults),
         "prompt_learning": spec.prompt_learning,
         "mergeable": spec.mergeable,
-        "tasks": sorted(spec.tasks),
+        "tasks": sorted(spec.tasks & set(_registered_tasks())),
         "options": spec.option_names(),
     }
     if model_type:

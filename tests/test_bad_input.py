@@ -1,0 +1,215 @@
+"""Each bad input: one clear message, non-zero exit, no traceback, no half-written output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab import cli
+from peftlab.testing import keyword_rows, write_csv
+
+
+def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["peftlab", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def write_recipe(tmp_path: Path, config) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict() if hasattr(config, "to_dict") else config))
+    return path
+
+
+def expect_error(capsys, monkeypatch, args, *fragments: str, output: Path | None = None) -> str:
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert sum(line.startswith("error:") for line in err.splitlines()) == 1
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    if output is not None:
+        assert not output.exists(), "a failed run left its output directory"
+        assert not list(output.parent.glob(f".{output.name}.*")), "a failed run left a temporary directory"
+    return err
+
+
+@pytest.fixture
+def recipe(make_config, tmp_path):
+    """A valid recipe as a raw mapping, to break in one place per test."""
+    return make_config("bert", "lora", **{"training.epochs": 1}).to_dict()
+
+
+def train_args(tmp_path, raw, *extra):
+    return ["train", str(write_recipe(tmp_path, raw)), *extra]
+
+
+def test_unknown_config_key_suggests_the_right_one(capsys, monkeypatch, tmp_path, recipe):
+    recipe["training"]["learning_rat"] = 1e-3
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "training.learning_rat",
+                 'did you mean "learning_rate"', output=Path(recipe["output_dir"]))
+
+
+def test_unknown_override_key(capsys, monkeypatch, tmp_path, recipe):
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--set", "data.max_lenght=64"),
+                 'did you mean "max_length"')
+
+
+def test_unknown_method(capsys, monkeypatch, tmp_path, recipe):
+    recipe["method"]["name"] = "lorra"
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'unknown method "lorra"', 'did you mean "lora"')
+
+
+def test_unknown_method_option(capsys, monkeypatch, tmp_path, recipe):
+    recipe["method"]["options"] = {"rank": 4}
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "unknown option `rank`")
+
+
+def test_unknown_task(capsys, monkeypatch, tmp_path, recipe):
+    recipe["task"] = "seq_cls"
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'unknown task "seq_cls"', 'did you mean "seq-cls"')
+
+
+def test_method_that_does_not_fit_the_architecture(capsys, monkeypatch, tmp_path, recipe):
+    recipe["method"]["options"] = {"target_modules": ["q_proj", "v_proj"]}
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'method "lora" cannot be applied',
+                 "q_proj", output=Path(recipe["output_dir"]))
+
+
+def test_missing_column(capsys, monkeypatch, tmp_path, recipe):
+    recipe["data"]["text_column"] = "sentence"
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'no column "sentence"', "text, label",
+                 output=Path(recipe["output_dir"]))
+
+
+def test_misnamed_column_suggests(capsys, monkeypatch, tmp_path, recipe):
+    recipe["data"]["label_column"] = "labels"
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'no column "labels"', 'did you mean "label"')
+
+
+def test_labels_outside_the_configured_set(capsys, monkeypatch, tmp_path, recipe):
+    recipe["data"]["labels"] = ["negative", "neutral"]
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "outside the label set", "'positive'",
+                 output=Path(recipe["output_dir"]))
+
+
+def test_empty_dataset(capsys, monkeypatch, tmp_path, recipe):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    recipe["data"]["train_file"] = str(empty)
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "empty", output=Path(recipe["output_dir"]))
+
+
+def test_malformed_file(capsys, monkeypatch, tmp_path, recipe):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "alpha great", "label": "positive"}\n{"text": "oops\n')
+    recipe["data"]["train_file"] = str(bad)
+    recipe["data"]["validation_file"] = None
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "could not read", "bad.jsonl")
+
+
+def test_missing_file(capsys, monkeypatch, tmp_path, recipe):
+    recipe["data"]["train_file"] = str(tmp_path / "nope.csv")
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "train file not found")
+
+
+def test_failure_mid_run_leaves_no_output(capsys, monkeypatch, tmp_path, recipe):
+    recipe["training"]["metric_for_best"] = "bleu"  # only known to be wrong at the first evaluation
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'metric_for_best "bleu"',
+                 output=Path(recipe["output_dir"]))
+
+
+def test_existing_output_is_not_clobbered(capsys, monkeypatch, tmp_path, recipe):
+    out = Path(recipe["output_dir"])
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+# --- adapters ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, keyword_data, tmp_path_factory):
+    from peftlab import build_config, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = build_config({
+        "model": {"name": str(tiny_models["bert"])}, "method": {"name": "lora"},
+        "data": {"train_file": str(keyword_data["train"]), "validation_file": str(keyword_data["validation"])},
+        "training": {"max_steps": 2, "progress": False}, "output_dir": str(out)})
+    return train(config).output_dir
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_adapter_dir_missing(capsys, monkeypatch, tmp_path):
+    expect_error(capsys, monkeypatch, ["eval", str(tmp_path / "nothing")], "adapter directory not found")
+
+
+def test_adapter_missing_weights(capsys, monkeypatch, tmp_path, trained):
+    broken = copy_adapter(trained, tmp_path / "a")
+    (broken / "adapter_model.safetensors").unlink()
+    expect_error(capsys, monkeypatch, ["predict", str(broken), "--text", "hi"], "has no adapter_model.safetensors")
+
+
+def test_adapter_pickle_weights_are_refused(capsys, monkeypatch, tmp_path, trained):
+    broken = copy_adapter(trained, tmp_path / "a")
+    (broken / "adapter_model.safetensors").rename(broken / "adapter_model.bin")
+    expect_error(capsys, monkeypatch, ["eval", str(broken)], "pickle", "safetensors")
+
+
+def test_adapter_corrupted_weights(capsys, monkeypatch, tmp_path, trained):
+    broken = copy_adapter(trained, tmp_path / "a")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    expect_error(capsys, monkeypatch, ["eval", str(broken)], "corrupted")
+
+
+def test_adapter_malformed_config(capsys, monkeypatch, tmp_path, trained):
+    broken = copy_adapter(trained, tmp_path / "a")
+    (broken / "adapter_config.json").write_text("{not json")
+    expect_error(capsys, monkeypatch, ["eval", str(broken)], "adapter_config.json is malformed")
+
+
+def test_adapter_for_a_different_base_model(capsys, monkeypatch, tmp_path, trained, tiny_models):
+    expect_error(capsys, monkeypatch, ["eval", str(trained), "--base", str(tiny_models["roberta"])],
+                 "does not fit the base model", "--base")
+
+
+def test_plain_peft_adapter_needs_data_for_eval(capsys, monkeypatch, tmp_path, trained):
+    plain = copy_adapter(trained, tmp_path / "a")
+    for name in ("peftlab.yaml", "peftlab.json"):
+        (plain / name).unlink()
+    expect_error(capsys, monkeypatch, ["eval", str(plain)], "not made by peftlab", "--data")
+
+
+def test_predict_needs_input(capsys, monkeypatch, trained):
+    expect_error(capsys, monkeypatch, ["predict", str(trained)], "nothing to predict")
+
+
+# --- the commands work on good input --------------------------------------------------
+
+def test_predict_jsonl_and_eval_on_a_file(capsys, monkeypatch, tmp_path, trained):
+    code, out, _ = run_cli(capsys, monkeypatch, "predict", str(trained), "--text", "alpha great",
+                           "--text", "delta awful", "--format", "jsonl")
+    assert code in (0, None)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in records] == ["alpha great", "delta awful"]
+    assert all(r["label"] in {"negative", "positive"} and 0.5 <= r["score"] <= 1 for r in records)
+
+    data = write_csv(tmp_path / "more.csv", keyword_rows(20, seed=9))
+    code, out, _ = run_cli(capsys, monkeypatch, "eval", str(trained), "--data", str(data), "--json")
+    assert code in (0, None)
+    assert json.loads(out)["samples"] == 20
