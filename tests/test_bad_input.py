@@ -188,6 +188,11 @@ def test_adapter_for_a_different_base_model(capsys, monkeypatch, tmp_path, train
                  "does not fit the base model", "--base")
 
 
+def test_adapter_given_as_base_model(capsys, monkeypatch, tmp_path, trained):
+    expect_error(capsys, monkeypatch, ["eval", str(trained), "--base", str(trained)],
+                 "is an adapter directory, not a base model")
+
+
 def test_plain_peft_adapter_needs_data_for_eval(capsys, monkeypatch, tmp_path, trained):
     plain = copy_adapter(trained, tmp_path / "a")
     for name in ("peftlab.yaml", "peftlab.json"):

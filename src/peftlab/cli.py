@@ -84,7 +84,8 @@ def eval_(
     if as_json:
         out.print_json(json.dumps(metrics))
         return
-    table = Table(title=f"{adapter_dir} on {data or split}", title_justify="left")
+    out.print(f"[bold]{adapter_dir}[/bold] on {data or (split + ' split')}")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +30,17 @@ def _not_found(name: str, error: Exception) -> ConfigError:
     )
 
 
-def load_model_config(model_cfg: ModelConfig) -> PretrainedConfig:
+def _base_name(model_cfg: ModelConfig) -> str:
     name = resolve_model_name(model_cfg.name)
+    folder = Path(name)
+    if folder.is_dir() and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ConfigError(f"{model_cfg.name} is an adapter directory, not a base model",
+                          "give the base model (a Hub id or a folder with config.json)")
+    return name
+
+
+def load_model_config(model_cfg: ModelConfig) -> PretrainedConfig:
+    name = _base_name(model_cfg)
     try:
         return AutoConfig.from_pretrained(
             name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -41,7 +51,7 @@ def load_model_config(model_cfg: ModelConfig) -> PretrainedConfig:
 
 def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer (or the one saved at ``path``), with a pad token guaranteed."""
-    name = path or resolve_model_name(model_cfg.name)
+    name = path or _base_name(model_cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=None if path else model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -57,7 +67,7 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
 
 def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transformers.PreTrainedModel:
     """The frozen base model through ``auto_class`` (e.g. AutoModelForSequenceClassification)."""
-    name = resolve_model_name(model_cfg.name)
+    name = _base_name(model_cfg)
     # The load report's "newly initialized head" is expected for a task head; keep it quiet.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
