@@ -200,6 +200,11 @@ def test_plain_peft_adapter_needs_data_for_eval(capsys, monkeypatch, tmp_path, t
     expect_error(capsys, monkeypatch, ["eval", str(plain)], "not made by peftlab", "--data")
 
 
+def test_eval_override_typo(capsys, monkeypatch, trained):
+    expect_error(capsys, monkeypatch, ["eval", str(trained), "--set", "data.text_colum=review"],
+                 "unknown key `data.text_colum`", 'did you mean "text_column"')
+
+
 def test_predict_needs_input(capsys, monkeypatch, trained):
     expect_error(capsys, monkeypatch, ["predict", str(trained)], "nothing to predict")
 

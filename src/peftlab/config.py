@@ -161,9 +161,9 @@ class RunConfig(_Section):
 # Loading, overrides, and readable errors
 
 
-def _section_fields(path: tuple) -> list[str]:
+def _section_fields(path: tuple, root: type[BaseModel]) -> list[str]:
     """The field names allowed at a location in the config, for "did you mean"."""
-    model: type[BaseModel] | None = RunConfig
+    model: type[BaseModel] | None = root
     for part in path[:-1]:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []
@@ -172,13 +172,15 @@ def _section_fields(path: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _readable(error: ValidationError) -> str:
+def readable_error(error: ValidationError, root: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """Pydantic's errors as one line: each key with what is wrong, unknown keys with a suggestion."""
+    root = root or RunConfig
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        where = ".".join(str(p) for p in loc) or "config"
+        where = prefix + ".".join(str(p) for p in loc) or "config"
         if item["type"] == "extra_forbidden":
-            hint = did_you_mean(str(loc[-1]), _section_fields(loc))
+            hint = did_you_mean(str(loc[-1]), _section_fields(loc, root))
             lines.append(f"unknown key `{where}`{hint}")
         elif item["type"] == "missing":
             lines.append(f"missing key `{where}`")
@@ -224,7 +226,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Run
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"invalid config: {_readable(error)}", "see `peftlab train --help`") from None
+        raise ConfigError(f"invalid config: {readable_error(error)}", "see `peftlab train --help`") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

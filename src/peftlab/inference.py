@@ -10,11 +10,9 @@ from torch.utils.data import DataLoader
 
 from peftlab.artifacts import LoadedAdapter, load_adapter
 from peftlab.config import DataConfig, apply_overrides
-from peftlab.data import load_eval_file, load_splits
+from peftlab.data import load_eval_file, load_splits, require_columns
 from peftlab.errors import ConfigError, DataError
 from peftlab.model import max_positions
-
-_DEFAULT_DATA = {"train_file": None}
 
 
 def data_config(loaded: LoadedAdapter, file: str | None, overrides: list[str] | None) -> DataConfig:
@@ -26,14 +24,22 @@ def data_config(loaded: LoadedAdapter, file: str | None, overrides: list[str] | 
     elif not loaded.config:
         raise ConfigError(f"{loaded.path} was not made by peftlab, so it has no data of its own",
                           "pass --data FILE (CSV / JSON Lines / Parquet)")
-    raw = apply_overrides({"data": raw}, [o for o in overrides or []])["data"]
-    unknown = [k for k in raw if k not in DataConfig.model_fields]
-    if unknown:
-        raise ConfigError(f"unknown data option `{unknown[0]}`")
+    return _with_overrides(raw, overrides)
+
+
+def _with_overrides(raw: dict[str, Any], overrides: list[str] | None) -> DataConfig:
+    """Apply ``data.key=value`` overrides and validate, with the same messages as a config."""
+    from pydantic import ValidationError
+
+    from peftlab.config import readable_error
+
+    raw = apply_overrides({"data": raw}, overrides or [])
+    if set(raw) != {"data"}:
+        raise ConfigError("eval and predict take only data.* overrides", "e.g. --set data.text_column=review")
     try:
-        return DataConfig.model_validate(raw)
-    except Exception as error:
-        raise ConfigError(f"invalid data options: {error}") from None
+        return DataConfig.model_validate(raw["data"])
+    except ValidationError as error:
+        raise ConfigError(f"invalid data options: {readable_error(error, DataConfig, 'data.')}") from None
 
 
 def _max_length(loaded: LoadedAdapter, data: DataConfig) -> int:
@@ -61,8 +67,6 @@ def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "
     dataset = _dataset(loaded, cfg, data, split)
     if len(dataset) == 0:
         raise DataError("the evaluation data is empty")
-    from peftlab.data import require_columns
-
     require_columns(dataset, {"label_column": cfg.label_column}, "the evaluation data")
     encoded = loaded.task.encode(dataset, loaded.tokenizer, cfg, loaded.meta, _max_length(loaded, cfg),
                                  "the evaluation data")
@@ -77,9 +81,7 @@ def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None 
     loaded = adapter_dir if isinstance(adapter_dir, LoadedAdapter) else load_adapter(adapter_dir, base=base,
                                                                                       device=device)
     if loaded.config:
-        cfg = loaded.config.data
-        if overrides:
-            cfg = DataConfig.model_validate(apply_overrides({"data": cfg.model_dump()}, overrides)["data"])
+        cfg = _with_overrides(loaded.config.data.model_dump(), overrides)
     else:
         cfg = data_config(loaded, file or "<inline>", overrides) if file else DataConfig(train_file="<inline>")
     if file:
