@@ -223,3 +223,7 @@ def test_predict_jsonl_and_eval_on_a_file(capsys, monkeypatch, tmp_path, trained
     code, out, _ = run_cli(capsys, monkeypatch, "eval", str(trained), "--data", str(data), "--json")
     assert code in (0, None)
     assert json.loads(out)["samples"] == 20
+
+    code, out, _ = run_cli(capsys, monkeypatch, "predict", str(trained), "--file", str(data), "--format", "jsonl")
+    assert code in (0, None)
+    assert [json.loads(line)["text"] for line in out.splitlines()] == [r["text"] for r in keyword_rows(20, seed=9)]
