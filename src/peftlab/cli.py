@@ -102,13 +102,22 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="table or jsonl.")] = "table",
     set_: SetOpt = None,
     base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generative tasks: tokens to generate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sample with this temperature.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample from the top-p nucleus.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")] = None,
 ) -> None:
-    """Label and score for each input text."""
+    """Label and score per input (classification) or generated text (seq2seq, causal LM)."""
     from peftlab import predict as run
 
     if fmt not in {"table", "jsonl"}:
         raise PeftlabError(f'unknown --format "{fmt}"', "use table or jsonl")
-    records = run(adapter_dir, texts=text, pairs=pair, file=file, overrides=list(set_ or []), base=base)
+    generation = {k: v for k, v in {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                                    "stop": stop}.items() if v}
+    if temperature is not None or top_p is not None:
+        generation["do_sample"] = True
+    records = run(adapter_dir, texts=text, pairs=pair, file=file, overrides=list(set_ or []), base=base,
+                  generation=generation)
     if fmt == "jsonl":
         for record in records:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")

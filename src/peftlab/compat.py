@@ -73,3 +73,22 @@ def apply_fixes(model: PeftModel) -> PeftModel:
     if isinstance(model, PeftModel) and prefix_tuning_needs_cache_fix(model):
         model._prefix_tuning_forward = types.MethodType(_prefix_tuning_forward_with_cache, model)
     return model
+
+
+# Generation with prompt-learning methods
+# ---------------------------------------
+# With transformers 5.2x, peft 0.21's cached generation for prompt-learning adapters drifts
+# from the model's own forward pass: the prefix cache is handed over as `past_key_values`
+# while generate() carries its own (empty) `cache=`, so seq2seq prefix tuning ignores the
+# prefix, and decoder-only prefix / prompt / P-tuning decode at the wrong positions after
+# the first token. Without the KV cache, peft rebuilds the virtual tokens at every step
+# and greedy generation equals step-by-step argmax of the forward pass (tested for every
+# technique x family in tests/test_generative.py). The cost is quadratic in the generated
+# length, which is small for label and short-answer generation.
+
+
+def generation_overrides(model) -> dict:
+    """Extra generate() arguments that keep generation faithful to the forward pass."""
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return {"use_cache": False}
+    return {}

@@ -66,9 +66,32 @@ class DataConfig(_Section):
     label_column: str = "label"
     labels: list[str] | None = Field(None, description="Label names in id order; default: found in the data.")
     regression: bool = Field(False, description="Seq-cls: the label is a number to predict (e.g. STS-B).")
+    target_column: str | None = Field(None, description="Seq2seq target / causal-LM completion column.")
+    prompt_template: str | None = Field(
+        None, description='Builds the input from a row, e.g. "Tweet text : {text} Label : " (columns in braces).'
+    )
+    messages_column: str | None = Field(None, description="Causal LM: a column of chat messages "
+                                                          "[{role, content}, ...]; the last one is the target.")
+    loss_on: Literal["completion", "all"] = Field("completion", description="Causal LM: which tokens carry loss.")
     max_length: int = Field(128, ge=8)
+    target_max_length: int = Field(32, ge=1, description="Longest target / completion in tokens (generation "
+                                                         "budget in evaluation).")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, value: str | None) -> str | None:
+        if value is not None:
+            import string
+
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+            except ValueError as error:
+                raise ValueError(f"prompt_template is not a valid template: {error}") from None
+            if not fields:
+                raise ValueError("prompt_template names no column: write e.g. \"Review: {text} Sentiment:\"")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -115,6 +138,17 @@ class TrainingConfig(_Section):
         return self
 
 
+class GenerationConfig(_Section):
+    """Decoding for generative tasks (evaluation is always greedy)."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Default: data.target_max_length.")
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_beams: int = Field(1, ge=1)
+    stop: list[str] = Field(default_factory=list, description="Stop strings (causal LM).")
+
+
 class RunConfig(_Section):
     """A complete run."""
 
@@ -123,6 +157,7 @@ class RunConfig(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output_dir: str = "runs/peftlab-run"
 
     @field_validator("task")

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from torch.utils.data import DataLoader
 
 from peftlab.artifacts import LoadedAdapter, load_adapter
-from peftlab.config import DataConfig, apply_overrides
-from peftlab.data import load_eval_file, load_splits, require_columns
+from pydantic import ValidationError
+
+from peftlab.config import DataConfig, GenerationConfig, apply_overrides, readable_error
+from peftlab.data import load_eval_file, load_splits
 from peftlab.errors import ConfigError, DataError
 from peftlab.model import max_positions
 
@@ -29,10 +30,6 @@ def data_config(loaded: LoadedAdapter, file: str | None, overrides: list[str] | 
 
 def _with_overrides(raw: dict[str, Any], overrides: list[str] | None) -> DataConfig:
     """Apply ``data.key=value`` overrides and validate, with the same messages as a config."""
-    from pydantic import ValidationError
-
-    from peftlab.config import readable_error
-
     raw = apply_overrides({"data": raw}, overrides or [])
     if set(raw) != {"data"}:
         raise ConfigError("eval and predict take only data.* overrides", "e.g. --set data.text_column=review")
@@ -67,17 +64,21 @@ def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "
     dataset = _dataset(loaded, cfg, data, split)
     if len(dataset) == 0:
         raise DataError("the evaluation data is empty")
-    require_columns(dataset, {"label_column": cfg.label_column}, "the evaluation data")
-    encoded = loaded.task.encode(dataset, loaded.tokenizer, cfg, loaded.meta, _max_length(loaded, cfg),
-                                 "the evaluation data")
-    loader = DataLoader(encoded, batch_size=batch_size, collate_fn=loaded.task.collator(loaded.tokenizer))
-    return loaded.task.evaluate(loaded.model, loader, loaded.meta)
+    max_length = _max_length(loaded, cfg)
+    encoded = loaded.task.encode(dataset, loaded.tokenizer, cfg, loaded.meta, max_length, "the evaluation data")
+    return loaded.task.evaluate(loaded.model, loaded.tokenizer, dataset, encoded, cfg, loaded.meta, max_length,
+                                batch_size)
 
 
 def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None = None,
             pairs: list[str] | None = None, file: str | None = None, overrides: list[str] | None = None,
-            base: str | None = None, batch_size: int = 32, device: str | None = None) -> list[dict[str, Any]]:
-    """Predictions for texts (optionally text pairs) or the rows of a file."""
+            base: str | None = None, batch_size: int = 32, device: str | None = None,
+            generation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Predictions for texts (optionally text pairs) or the rows of a file.
+
+    ``generation`` overrides the run's decoding settings for generative tasks
+    (max_new_tokens, do_sample, temperature, top_p, num_beams, stop).
+    """
     loaded = adapter_dir if isinstance(adapter_dir, LoadedAdapter) else load_adapter(adapter_dir, base=base,
                                                                                       device=device)
     if loaded.config:
@@ -96,5 +97,11 @@ def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None 
                 for t, p in zip(texts, pairs or [None] * len(texts))]
     else:
         raise ConfigError("nothing to predict", "pass --text \"...\" (repeatable) or --file FILE")
+    decoding = loaded.config.generation if loaded.config else GenerationConfig()
+    if generation:
+        try:
+            decoding = GenerationConfig.model_validate({**decoding.model_dump(), **generation})
+        except ValidationError as error:
+            raise ConfigError(f"invalid generation options: {readable_error(error, GenerationConfig)}") from None
     return loaded.task.predict(loaded.model, loaded.tokenizer, rows, cfg, loaded.meta, _max_length(loaded, cfg),
-                               batch_size)
+                               batch_size, decoding)

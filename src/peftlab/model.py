@@ -62,6 +62,7 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
         if tokenizer.eos_token is None:
             raise ConfigError(f'the tokenizer of "{model_cfg.name}" has neither a pad nor an eos token')
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # training batches; generation pads left where it needs to
     return tokenizer
 
 

@@ -52,3 +52,8 @@ class TrainingProgress:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
                           if k not in {"step", "epoch", "samples"} and isinstance(v, float))
         self._progress.console.print(f"  eval @ step {entry['step']} (epoch {entry['epoch']}): {shown}")
+
+
+def warn(message: str) -> None:
+    """A warning the user should see (e.g. truncated data), on stderr."""
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True, highlight=False)

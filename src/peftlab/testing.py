@@ -34,10 +34,37 @@ def _roberta_tokenizer(folder: Path):
     return RobertaTokenizer(vocab=vocab_file, merges=merges_file, model_max_length=128)
 
 
+PROMPT_WORDS = ["review", ":", "label", "positive", "negative", "user", "assistant"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def _word_tokenizer():
+    """A whitespace word-level tokenizer with bos/eos/pad and a chat template (for tiny LMs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<s>", "</s>", "<unk>", POSITIVE, NEGATIVE, *WORDS, *PROMPT_WORDS]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", model_max_length=128)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
-    """Save a tiny random ``bert`` or ``roberta`` encoder (+ tokenizer) to ``folder``."""
+    """Save a tiny random model of a real architecture (+ tokenizer) to ``folder``.
+
+    ``bert`` / ``roberta``: encoders (for classification); ``t5``: encoder-decoder;
+    ``llama`` / ``gpt2``: decoder-only language models.
+    """
     import torch
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    if arch in {"t5", "llama", "gpt2"}:
+        return _make_tiny_generative(arch, Path(folder), seed)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,6 +81,33 @@ def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
                                            eos_token_id=tokenizer.eos_token_id, **common))
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _make_tiny_generative(arch: str, folder: Path, seed: int) -> Path:
+    import torch
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = _word_tokenizer()
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=tokenizer.bos_token_id, vocab_size=len(tokenizer))
+    if arch == "t5":
+        model = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                                    decoder_start_token_id=tokenizer.pad_token_id,
+                                                    dropout_rate=0.0, **ids))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, initializer_range=0.2, **ids))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
+                                           embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, **ids))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
@@ -77,6 +131,25 @@ def keyword_rows(n: int, seed: int = 0, pair: bool = False) -> list[dict[str, st
                    "label": row["label"]}
         rows.append(row)
     return rows
+
+
+def label_text_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """The keyword task with the label as the target text (seq2seq / causal LM)."""
+    return [{"text": r["text"], "target": r["label"]} for r in keyword_rows(n, seed)]
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """The keyword task as chat messages: the assistant answers with the label."""
+    return [{"messages": [{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["label"]}]}
+            for r in keyword_rows(n, seed)]
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    import json
+
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def write_csv(path: str | Path, rows: list[dict[str, str]]) -> Path:

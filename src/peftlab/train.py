@@ -27,9 +27,12 @@ from peftlab.config import RunConfig, TrainingConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
 from peftlab.methods import get_method, linear_layer_names
-from peftlab.model import load_tokenizer, max_positions
+from peftlab.model import load_model_config, load_tokenizer, max_positions
 from peftlab.progress import TrainingProgress
 from peftlab.tasks import get_task
+
+
+LOWER_IS_BETTER = {"loss", "perplexity", "mse"}
 
 
 @dataclass
@@ -110,6 +113,7 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
     # data and task
     task = get_task(config.task)
     spec = get_method(config.method.name)
+    task.check_model(load_model_config(config.model), config.model.name)
     tokenizer = load_tokenizer(config.model)
     splits = load_splits(config.data, seed=training.seed)
     meta = task.inspect(splits, config.data)
@@ -148,7 +152,6 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
     else:
         train_loader = DataLoader(train_set, batch_size=training.batch_size, shuffle=True, collate_fn=collate,
                                   generator=generator)
-    eval_loader = DataLoader(eval_set, batch_size=training.eval_batch_size, collate_fn=collate)
 
     # optimisation
     steps_per_epoch = max(1, math.ceil(len(train_loader) / training.gradient_accumulation_steps))
@@ -159,8 +162,7 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
     optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
 
     history: list[dict[str, Any]] = []
@@ -170,10 +172,14 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
     with artifacts.staging_dir(out, overwrite) as staging:
         writer = _tensorboard(staging / "tensorboard") if training.tensorboard else None
 
+        def evaluate_now() -> dict[str, float]:
+            with accelerator.autocast():
+                return task.evaluate(model, tokenizer, splits["eval"], eval_set, config.data, meta, max_length,
+                                     training.eval_batch_size)
+
         def run_eval(step: int, epoch: float) -> dict[str, Any]:
             nonlocal best
-            with accelerator.autocast():
-                metrics = task.evaluate(model, eval_loader, meta)
+            metrics = evaluate_now()
             if main_metric not in metrics:
                 raise ConfigError(f'training.metric_for_best "{main_metric}" is not a metric of this task',
                                   f"metrics: {', '.join(metrics)}")
@@ -182,15 +188,15 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
             if writer:
                 for key, value in metrics.items():
                     writer.add_scalar(f"eval/{key}", value, step)
-            if training.keep == "best" and (best is None or metrics[main_metric] > best[0]):
-                best = (metrics[main_metric], _trainable_state(model), entry)
+            score = -metrics[main_metric] if main_metric in LOWER_IS_BETTER else metrics[main_metric]
+            if training.keep == "best" and (best is None or score > best[0]):
+                best = (score, _trainable_state(model), entry)
             emit("evaluation", entry)
             model.train()
             return entry
 
         if evaluate_before:
-            with accelerator.autocast():
-                initial = task.evaluate(model, eval_loader, meta)
+            initial = evaluate_now()
             emit("initial", initial)
 
         model.train()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from peftlab.errors import ConfigError, did_you_mean
 from peftlab.tasks.base import Task
+from peftlab.tasks.causal_lm import CausalLM
+from peftlab.tasks.seq2seq import Seq2Seq
 from peftlab.tasks.seq_cls import SequenceClassification
 
 TASKS: dict[str, Task] = {
     "seq-cls": SequenceClassification(),
+    "seq2seq": Seq2Seq(),
+    "causal-lm": CausalLM(),
 }
 
 # peft's task_type -> our task family (for adapters made with plain peft)

@@ -32,6 +32,9 @@ class SequenceClassification:
     def main_metric(self, meta: dict[str, Any]) -> str:
         return "pearson" if meta.get("regression") else "accuracy"
 
+    def check_model(self, config, model_name: str) -> None:
+        return None  # every architecture with a sequence-classification class fits
+
     # --- data ---------------------------------------------------------------------------
 
     def inspect(self, splits: dict[str, datasets.Dataset], data: DataConfig) -> dict[str, Any]:
@@ -98,6 +101,7 @@ class SequenceClassification:
 
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
         text, pair, label = data.text_column, data.text_pair_column, data.label_column
+        require_columns(dataset, {"text_column": text, "text_pair_column": pair}, where)
         has_labels = label in dataset.column_names
 
         def tokenize(batch):
@@ -166,10 +170,12 @@ class SequenceClassification:
         loss = sum(losses) / len(logits) if losses else None
         return logits, labels, loss
 
-    def evaluate(self, model, batches, meta):
+    def evaluate(self, model, tokenizer, raw, encoded, data, meta, max_length, batch_size):
+        from torch.utils.data import DataLoader
+
+        batches = DataLoader(encoded, batch_size=batch_size, collate_fn=self.collator(tokenizer))
+        require_columns(raw, {"label_column": data.label_column}, "the evaluation data")
         logits, labels, loss = self._logits(model, batches)
-        if labels is None:
-            raise DataError("the evaluation data has no labels")
         result: dict[str, float] = {"loss": loss, "samples": float(len(labels))}
         if meta["regression"]:
             pred, gold = logits.squeeze(-1).numpy(), labels.numpy()
@@ -184,7 +190,7 @@ class SequenceClassification:
         result["mcc"] = float(skm.matthews_corrcoef(gold, pred))
         return result
 
-    def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size):
+    def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
         collate = self.collator(tokenizer)
         text, pair = data.text_column, data.text_pair_column
         missing = [c for c in (text, pair) if c and any(c not in r for r in rows)]

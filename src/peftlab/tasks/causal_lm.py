@@ -1,0 +1,182 @@
+"""Causal language modelling (decoder-only: GPT-2, BLOOM, Llama, Mistral, SmolLM).
+
+Three data modes, chosen by the data config:
+
+- ``completion``: prompt (text column or template) -> completion (``target_column``); the
+  loss is on the completion unless ``loss_on: all``; evaluated by generation.
+- ``chat``: a ``messages_column`` of ``[{role, content}, ...]``; the tokenizer's chat template
+  renders all but the last message as the prompt, the last is the completion.
+- ``text``: plain text (text column only), packed into blocks of ``max_length``;
+  evaluated by perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+from peftlab.data import require_columns
+from peftlab.errors import ConfigError, DataError
+from peftlab.model import load_base
+from peftlab.progress import warn
+from peftlab.tasks import generation as gen
+from peftlab.tasks.base import mean_loss
+
+
+def _mode(data) -> str:
+    if data.messages_column:
+        return "chat"
+    return "completion" if data.target_column else "text"
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("x")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+class CausalLM:
+    """prompt -> completion, chat messages, or plain text, on decoder-only models"""
+
+    name = "causal-lm"
+    peft_task_type = "CAUSAL_LM"
+
+    def main_metric(self, meta: dict[str, Any]) -> str:
+        return gen.main_metric(meta)
+
+    def check_model(self, config, model_name: str) -> None:
+        if getattr(config, "is_encoder_decoder", False):
+            raise ConfigError(f"task causal-lm needs a decoder-only model; {model_name} is an encoder-decoder "
+                              f'("{config.model_type}")', "use task: seq2seq for encoder-decoder models")
+
+    # --- data ---------------------------------------------------------------------------
+
+    def inspect(self, splits, data):
+        mode = _mode(data)
+        meta: dict[str, Any] = {"mode": mode, "label_like": False, "targets": []}
+        for split in ("train", "eval"):
+            where = f"the {split} split"
+            if mode == "chat":
+                require_columns(splits[split], {"messages_column": data.messages_column}, where)
+                targets = [self._split_chat(m, where)[1] for m in splits[split][data.messages_column]]
+            elif mode == "completion":
+                gen.check_prompt_columns(splits[split], data, where)
+                targets = gen.check_targets(splits[split], data, where)
+            else:
+                require_columns(splits[split], {"text_column": data.text_column}, where)
+                continue
+            if split == "train":
+                meta.update(gen.target_meta(targets))
+        return meta
+
+    @staticmethod
+    def _split_chat(messages, where: str) -> tuple[list[dict], str]:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise DataError(f"{where} has a messages value that is not a list of {{role, content}}: "
+                            f"{str(messages)[:80]}")
+        if not str(messages[-1]["content"]).strip():
+            raise DataError(f"{where} has a conversation whose last message (the target) is empty")
+        return messages[:-1], str(messages[-1]["content"])
+
+    def _prompt(self, row: dict[str, Any], data, tokenizer) -> str:
+        if _mode(data) == "chat":
+            history = row[data.messages_column] if data.messages_column in row else [
+                {"role": "user", "content": row[data.text_column]}]
+            if history and history[-1].get("role") == "assistant":
+                history = history[:-1]
+            if not tokenizer.chat_template:
+                raise ConfigError("chat messages need a tokenizer with a chat template",
+                                  "use a chat model, or a completion column with data.prompt_template")
+            return tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        return gen.source_text(row, data)
+
+    def _prompt_ids(self, prompts: list[str], tokenizer, budget: int) -> list[list[int]]:
+        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        out = []
+        for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]:
+            out.append(bos + ids[-max(1, budget - len(bos)):])  # keep the end of a long prompt
+        return out
+
+    def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
+        if meta["mode"] == "text":
+            return self._encode_text(dataset, tokenizer, data, max_length, where)
+        rows = list(dataset)
+        prompts = [self._prompt(r, data, tokenizer) for r in rows]
+        if meta["mode"] == "chat":
+            targets = [self._split_chat(r[data.messages_column], where)[1] for r in rows]
+        else:
+            require_columns(dataset, {"target_column": data.target_column}, where)
+            targets = [str(r[data.target_column]) for r in rows]
+        completions = tokenizer([" " + t if meta["mode"] == "completion" and not p.endswith((" ", "\n")) else t
+                                 for p, t in zip(prompts, targets)], add_special_tokens=False)["input_ids"]
+        long_targets = sum(len(c) > data.target_max_length for c in completions)
+        if long_targets:
+            warn(f"{where}: {long_targets} of {len(rows)} completions are longer than data.target_max_length="
+                 f"{data.target_max_length} tokens; truncated")
+        features = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt_ids, completion in zip(self._prompt_ids(prompts, tokenizer, max_length), completions):
+            completion = completion[:data.target_max_length] + [tokenizer.eos_token_id]
+            prompt_ids = prompt_ids[:max(1, max_length - len(completion))]
+            ids = prompt_ids + completion
+            masked = [-100] * len(prompt_ids) if data.loss_on == "completion" else list(prompt_ids)
+            features["input_ids"].append(ids)
+            features["attention_mask"].append([1] * len(ids))
+            features["labels"].append(masked + completion)
+        import datasets
+
+        return datasets.Dataset.from_dict(features)
+
+    def _encode_text(self, dataset, tokenizer, data, max_length, where):
+        """Plain text: documents joined with EOS and cut into blocks of max_length."""
+        import datasets
+
+        require_columns(dataset, {"text_column": data.text_column}, where)
+        stream: list[int] = []
+        for ids in tokenizer([str(t) for t in dataset[data.text_column]], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids + [tokenizer.eos_token_id])
+        blocks = [stream[i:i + max_length] for i in range(0, len(stream), max_length)]
+        if len(blocks) > 1 and len(blocks[-1]) < max_length:
+            blocks.pop()  # a short tail block would be mostly padding
+        if not blocks:
+            raise DataError(f"{where} has no text")
+        return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks],
+                                           "labels": blocks})
+
+    def collator(self, tokenizer):
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+
+    # --- model, evaluation, prediction ---------------------------------------------------
+
+    def load_model(self, model, meta):
+        base = load_base(model, AutoModelForCausalLM)
+        if base.config.pad_token_id is None and base.config.eos_token_id is not None:
+            eos = base.config.eos_token_id
+            base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        return base
+
+    def evaluate(self, model, tokenizer, raw, encoded, data, meta, max_length, batch_size):
+        loss = mean_loss(model, encoded, self.collator(tokenizer), batch_size)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": float(len(raw))}
+        if meta["mode"] == "text":
+            return metrics
+        rows = list(raw)
+        if meta["mode"] == "chat":
+            references = [self._split_chat(r[data.messages_column], "the evaluation data")[1] for r in rows]
+        else:
+            references = gen.check_targets(raw, data, "the evaluation data")
+        prompts = self._prompt_ids([self._prompt(r, data, tokenizer) for r in rows], tokenizer, max_length)
+        kwargs = gen.generation_kwargs(None, data.target_max_length, tokenizer)
+        predictions = gen.generate(model, tokenizer, prompts, batch_size, kwargs, decoder_only=True)
+        return {**metrics, **gen.text_metrics(predictions, references, meta.get("label_like", False))}
+
+    def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
+        texts = [self._prompt(r, data, tokenizer) for r in rows]
+        kwargs = gen.generation_kwargs(generation, data.target_max_length, tokenizer)
+        outputs = gen.generate(model, tokenizer, self._prompt_ids(texts, tokenizer, max_length), batch_size, kwargs,
+                               decoder_only=True, stop=list(generation.stop) if generation else None)
+        return [{"text": t, "generated": o} for t, o in zip(texts, outputs)]
+
+    def meta_from_adapter(self, tensors, base_config):
+        return {"mode": "text", "label_like": False, "targets": []}

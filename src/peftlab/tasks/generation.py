@@ -1,0 +1,144 @@
+"""What the generative families share: prompts from rows, batched generation, text metrics."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from peftlab import compat
+from peftlab.config import DataConfig, GenerationConfig
+from peftlab.data import require_columns
+from peftlab.errors import ConfigError, DataError
+from peftlab.tasks.base import model_device
+
+LABEL_LIKE_MAX_DISTINCT = 32
+LABEL_LIKE_MAX_WORDS = 4
+
+
+# --- prompts ---------------------------------------------------------------------------
+
+def template_fields(template: str) -> list[str]:
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+
+
+def check_prompt_columns(dataset, data: DataConfig, where: str) -> None:
+    """The input columns (text column or the template's fields) exist; the template uses the text column."""
+    if data.prompt_template:
+        fields = template_fields(data.prompt_template)
+        if data.text_column not in fields:
+            raise ConfigError(
+                f'prompt_template does not mention the text column "{data.text_column}": {data.prompt_template!r}',
+                f'put "{{{data.text_column}}}" where the text goes, or set data.text_column',
+            )
+        require_columns(dataset, {f"prompt_template field {f!r}": f for f in fields}, where)
+    else:
+        require_columns(dataset, {"text_column": data.text_column}, where)
+
+
+def source_text(row: dict[str, Any], data: DataConfig) -> str:
+    try:
+        if data.prompt_template:
+            return data.prompt_template.format(**{k: "" if v is None else v for k, v in row.items()})
+        return str(row[data.text_column])
+    except KeyError as error:
+        raise DataError(f"the input has no field {error} (needed by the prompt)",
+                        f"give every field the prompt uses: {data.prompt_template or data.text_column}") from None
+
+
+def check_targets(dataset, data: DataConfig, where: str) -> list[str]:
+    """The target column exists and has no empty values; returns the targets as text."""
+    if not data.target_column:
+        raise ConfigError("this task needs data.target_column (the output text)")
+    require_columns(dataset, {"target_column": data.target_column}, where)
+    targets = ["" if v is None else str(v) for v in dataset[data.target_column]]
+    empty = [i for i, t in enumerate(targets) if not t.strip()]
+    if empty:
+        raise DataError(f'{where} has {len(empty)} empty value(s) in the target column "{data.target_column}" '
+                        f"(rows {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''})",
+                        "fill or drop those rows")
+    return targets
+
+
+def target_meta(targets: list[str]) -> dict[str, Any]:
+    """Targets from a small set of short strings are labels: scored by exact match (accuracy)."""
+    distinct = sorted(set(t.strip() for t in targets))
+    label_like = len(distinct) <= LABEL_LIKE_MAX_DISTINCT and all(
+        len(t.split()) <= LABEL_LIKE_MAX_WORDS for t in distinct)
+    return {"label_like": label_like, "targets": distinct if label_like else []}
+
+
+def main_metric(meta: dict[str, Any]) -> str:
+    if meta.get("mode") == "text":
+        return "perplexity"
+    return "accuracy" if meta.get("label_like") else "rougeL"
+
+
+# --- generation ------------------------------------------------------------------------
+
+def generation_kwargs(options: GenerationConfig | None, default_new_tokens: int,
+                      tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """transformers generate() arguments; None = greedy evaluation decoding."""
+    kwargs: dict[str, Any] = {"max_new_tokens": default_new_tokens, "do_sample": False, "num_beams": 1}
+    if options is not None:
+        kwargs.update(max_new_tokens=options.max_new_tokens or default_new_tokens, do_sample=options.do_sample,
+                      num_beams=options.num_beams)
+        if options.do_sample:
+            kwargs.update(temperature=options.temperature, top_p=options.top_p)
+        if options.stop:
+            kwargs.update(stop_strings=list(options.stop), tokenizer=tokenizer)
+    return kwargs
+
+
+@torch.no_grad()
+def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], batch_size: int,
+             kwargs: dict[str, Any], decoder_only: bool, stop: list[str] | None = None) -> list[str]:
+    """Generate for token-id prompts in batches; returns only the new text, stripped."""
+    model.eval()
+    device = model_device(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left" if decoder_only else "right"
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(device)
+            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       pad_token_id=tokenizer.pad_token_id,
+                                       **{**kwargs, **compat.generation_overrides(model)})
+            if decoder_only:
+                generated = generated[:, batch["input_ids"].shape[1]:]
+            for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
+                for marker in stop or []:
+                    text = text.split(marker)[0]
+                outputs.append(text.strip())
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def text_metrics(predictions: list[str], references: list[str], label_like: bool) -> dict[str, float]:
+    """Exact match (as ``accuracy`` for label targets); BLEU, chrF (sacrebleu) and ROUGE-L for free text."""
+    matches = sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references))
+    exact = matches / max(1, len(references))
+    if label_like:
+        return {"accuracy": exact}
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references))
+    return {
+        "exact_match": exact,
+        "bleu": float(sacrebleu.corpus_bleu(predictions, [references]).score),
+        "chrf": float(sacrebleu.corpus_chrf(predictions, [references]).score),
+        "rougeL": 100.0 * rouge / max(1, len(references)),
+    }
