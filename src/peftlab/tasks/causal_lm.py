@@ -100,6 +100,7 @@ class CausalLM:
         return out
 
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
+        dataset = gen.labels_as_text(dataset, data)
         if meta["mode"] == "text":
             return self._encode_text(dataset, tokenizer, data, max_length, where)
         rows = list(dataset)
@@ -161,7 +162,7 @@ class CausalLM:
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": float(len(raw))}
         if meta["mode"] == "text":
             return metrics
-        rows = list(raw)
+        rows = list(gen.labels_as_text(raw, data))
         if meta["mode"] == "chat":
             references = [self._split_chat(r[data.messages_column], "the evaluation data")[1] for r in rows]
         else:

@@ -48,12 +48,25 @@ def source_text(row: dict[str, Any], data: DataConfig) -> str:
                         f"give every field the prompt uses: {data.prompt_template or data.text_column}") from None
 
 
+def labels_as_text(dataset, data: DataConfig):
+    """Class-label columns (ints with names) become their names, so they can be generated."""
+    import datasets
+
+    for column in {data.target_column, data.text_column} - {None}:
+        feature = dataset.features.get(column)
+        if isinstance(feature, datasets.ClassLabel):
+            names = feature.names
+            dataset = dataset.map(lambda b, c=column: {c: [names[i] for i in b[c]]}, batched=True,
+                                  features=datasets.Features({**dataset.features, column: datasets.Value("string")}))
+    return dataset
+
+
 def check_targets(dataset, data: DataConfig, where: str) -> list[str]:
     """The target column exists and has no empty values; returns the targets as text."""
     if not data.target_column:
         raise ConfigError("this task needs data.target_column (the output text)")
     require_columns(dataset, {"target_column": data.target_column}, where)
-    targets = ["" if v is None else str(v) for v in dataset[data.target_column]]
+    targets = ["" if v is None else str(v) for v in labels_as_text(dataset, data)[data.target_column]]
     empty = [i for i, t in enumerate(targets) if not t.strip()]
     if empty:
         raise DataError(f'{where} has {len(empty)} empty value(s) in the target column "{data.target_column}" '

@@ -38,6 +38,7 @@ class Seq2Seq:
         return {"mode": "seq2seq", **meta}
 
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
+        dataset = gen.labels_as_text(dataset, data)
         gen.check_prompt_columns(dataset, data, where)
         has_targets = bool(data.target_column) and data.target_column in dataset.column_names
         long_targets = 0

@@ -26,6 +26,8 @@ def _examples(values: Iterable[Any], limit: int = 3) -> str:
 
 
 class SequenceClassification:
+    """single texts or text pairs -> one of N labels (or a number), scored by accuracy, F1, MCC"""
+
     name = "seq-cls"
     peft_task_type = "SEQ_CLS"
 
