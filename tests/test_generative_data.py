@@ -98,3 +98,40 @@ def test_long_targets_warn_with_counts_and_truncate(tiny_lms, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "the train split: 10 of 40" in err and "target_max_length=3" in err and "truncated" in err
     assert result.output_dir.is_dir()
+
+
+@pytest.fixture(scope="module")
+def completion_run(tiny_lms, generative_data, tmp_path_factory):
+    raw = base_raw(tiny_lms, generative_data, tmp_path_factory.mktemp("completion"), target_column="target",
+                   prompt_template="review : {text} label :")
+    return train(build_config(raw)).output_dir
+
+
+def test_batched_generation_equals_one_by_one(completion_run):
+    texts = ["alpha great", "delta awful echo foxtrot golf hotel india", "kilo great lima mike november"]
+    batched = predict(completion_run, texts=texts, batch_size=3)  # left-padded batch
+    single = [predict(completion_run, texts=[t], batch_size=1)[0] for t in texts]
+    assert batched == single
+    assert {r["generated"] for r in batched} == {"positive", "negative"}
+
+
+def test_stop_strings_and_token_budget(completion_run):
+    free = predict(completion_run, texts=["alpha great bravo"], generation={"max_new_tokens": 4})[0]["generated"]
+    assert free == "positive"
+    stopped = predict(completion_run, texts=["alpha great bravo"], generation={"stop": ["itive"]})[0]["generated"]
+    assert stopped == "pos"  # generation stopped at the stop string, which is cut off
+    assert "itive" not in stopped
+
+
+def test_text_metrics_for_free_text():
+    from peftlab.tasks.generation import text_metrics, target_meta
+
+    refs = ["the cat sat on the mat", "a quick brown fox jumps"]
+    perfect = text_metrics(refs, refs, label_like=False)
+    assert perfect["exact_match"] == 1.0 and perfect["bleu"] == pytest.approx(100.0)
+    assert perfect["chrf"] == pytest.approx(100.0) and perfect["rougeL"] == pytest.approx(100.0)
+    partial = text_metrics(["the cat sat", "a slow green turtle"], refs, label_like=False)
+    assert partial["exact_match"] == 0.0 and 0 < partial["rougeL"] < 100 and 0 < partial["chrf"] < 100
+    assert text_metrics(["Positive ", "negative"], ["positive", "neutral"], label_like=True) == {"accuracy": 0.5}
+    assert target_meta(["positive", "negative", "positive"])["label_like"]
+    assert not target_meta([f"a long free text answer number {i}" for i in range(3)])["label_like"]

@@ -22,7 +22,6 @@ def test_smollm2_label_completion_improves_with_lora(tmp_path):
         "output_dir": str(tmp_path / "run"),
     })
     result = train(config, evaluate_before=True)
-    print("smollm2 accuracy", result.initial_metrics["accuracy"], "->", result.metrics["accuracy"])
     assert result.metrics["accuracy"] > result.initial_metrics["accuracy"], (result.initial_metrics, result.metrics)
     assert result.metrics["accuracy"] >= 0.7
     out = predict(result.output_dir, texts=["A triumph: funny, warm and beautifully made."])

@@ -176,7 +176,7 @@ class CausalLM:
         texts = [self._prompt(r, data, tokenizer) for r in rows]
         kwargs = gen.generation_kwargs(generation, data.target_max_length, tokenizer)
         outputs = gen.generate(model, tokenizer, self._prompt_ids(texts, tokenizer, max_length), batch_size, kwargs,
-                               decoder_only=True, stop=list(generation.stop) if generation else None)
+                               decoder_only=True)
         return [{"text": t, "generated": o} for t, o in zip(texts, outputs)]
 
     def meta_from_adapter(self, tensors, base_config):

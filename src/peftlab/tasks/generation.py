@@ -6,7 +6,7 @@ import string
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from peftlab import compat
 from peftlab.config import DataConfig, GenerationConfig
@@ -101,14 +101,27 @@ def generation_kwargs(options: GenerationConfig | None, default_new_tokens: int,
         if options.do_sample:
             kwargs.update(temperature=options.temperature, top_p=options.top_p)
         if options.stop:
-            kwargs.update(stop_strings=list(options.stop), tokenizer=tokenizer)
+            kwargs["stop"] = list(options.stop)
     return kwargs
+
+
+class _StopOnText(StoppingCriteria):
+    """Stops a row once its generated text contains a stop string (any tokenizer)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
 @torch.no_grad()
 def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], batch_size: int,
-             kwargs: dict[str, Any], decoder_only: bool, stop: list[str] | None = None) -> list[str]:
-    """Generate for token-id prompts in batches; returns only the new text, stripped."""
+             kwargs: dict[str, Any], decoder_only: bool) -> list[str]:
+    """Generate for token-id prompts in batches; returns only the new text (cut at a stop string), stripped."""
+    kwargs = dict(kwargs)
+    stop = kwargs.pop("stop", None)
     model.eval()
     device = model_device(model)
     side = tokenizer.padding_side
@@ -118,9 +131,12 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(device)
+            extra = compat.generation_overrides(model)
+            if stop:
+                prompt_length = batch["input_ids"].shape[1] if decoder_only else 0
+                extra["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, stop, prompt_length)])
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       pad_token_id=tokenizer.pad_token_id,
-                                       **{**kwargs, **compat.generation_overrides(model)})
+                                       pad_token_id=tokenizer.pad_token_id, **kwargs, **extra)
             if decoder_only:
                 generated = generated[:, batch["input_ids"].shape[1]:]
             for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
