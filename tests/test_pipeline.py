@@ -29,7 +29,9 @@ def test_text_pairs_keep_label_names(make_config, keyword_data):
 
 def test_keep_best_and_eval_reproduces_recorded_metrics(make_config):
     config = make_config("bert", "lora", **{"training.epochs": 4, "training.keep": "best"})
-    result = train(config)
+    events = []
+    result = train(config, on_event=lambda kind, data: events.append((kind, data["step"])))
+    assert events == [("evaluation", e["step"]) for e in result.history] and len(events) == 4
     best = max(entry["accuracy"] for entry in result.history)
     assert result.metrics["accuracy"] == best
     recorded = json.loads((result.output_dir / "metrics.json").read_text())
