@@ -81,10 +81,7 @@ def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None 
     """
     loaded = adapter_dir if isinstance(adapter_dir, LoadedAdapter) else load_adapter(adapter_dir, base=base,
                                                                                       device=device)
-    if loaded.config:
-        cfg = _with_overrides(loaded.config.data.model_dump(), overrides)
-    else:
-        cfg = data_config(loaded, file or "<inline>", overrides) if file else DataConfig(train_file="<inline>")
+    cfg = data_config(loaded, file or "<inline>", overrides)  # only the column names matter here
     if file:
         rows = list(load_eval_file(file))
     elif texts:

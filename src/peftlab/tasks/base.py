@@ -63,7 +63,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, encoded: datasets.Dataset, collate, batch_size: int) -> float:
-    """Token- or row-averaged loss over encoded rows (as the model's own loss averages)."""
+    """Loss over encoded rows of a generative task, batches weighted by their labelled tokens."""
     from torch.utils.data import DataLoader
 
     model.eval()
@@ -71,8 +71,7 @@ def mean_loss(model: torch.nn.Module, encoded: datasets.Dataset, collate, batch_
     total, count = 0.0, 0
     for batch in DataLoader(encoded, batch_size=batch_size, collate_fn=collate):
         batch = {k: v.to(device) for k, v in batch.items()}
-        weight = int((batch["labels"] != -100).sum()) if batch["labels"].dtype == torch.long and batch[
-            "labels"].dim() > 1 else len(batch["labels"])
+        weight = int((batch["labels"] != -100).sum())
         total += model(**batch).loss.float().item() * weight
         count += weight
     return total / max(1, count)

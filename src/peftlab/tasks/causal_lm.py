@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import datasets
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from peftlab.data import require_columns
@@ -125,14 +126,10 @@ class CausalLM:
             features["input_ids"].append(ids)
             features["attention_mask"].append([1] * len(ids))
             features["labels"].append(masked + completion)
-        import datasets
-
         return datasets.Dataset.from_dict(features)
 
     def _encode_text(self, dataset, tokenizer, data, max_length, where):
         """Plain text: documents joined with EOS and cut into blocks of max_length."""
-        import datasets
-
         require_columns(dataset, {"text_column": data.text_column}, where)
         stream: list[int] = []
         for ids in tokenizer([str(t) for t in dataset[data.text_column]], add_special_tokens=False)["input_ids"]:

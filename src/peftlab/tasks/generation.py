@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
+import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
@@ -50,8 +51,6 @@ def source_text(row: dict[str, Any], data: DataConfig) -> str:
 
 def labels_as_text(dataset, data: DataConfig):
     """Class-label columns (ints with names) become their names, so they can be generated."""
-    import datasets
-
     for column in {data.target_column, data.text_column} - {None}:
         feature = dataset.features.get(column)
         if isinstance(feature, datasets.ClassLabel):
