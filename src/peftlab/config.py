@@ -130,6 +130,11 @@ class TrainingConfig(_Section):
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
     progress: bool = True
+    checkpoint_every: int | None = Field(
+        200, ge=1, description="Save a resumable checkpoint every N optimizer steps (null: only on Ctrl-C)."
+    )
+    checkpoint_keep: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
+    checkpoint_dir: str | None = Field(None, description="Default: <output_dir>.checkpoints beside the output.")
 
     @model_validator(mode="after")
     def _eval_steps(self) -> TrainingConfig:

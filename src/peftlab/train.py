@@ -219,6 +219,8 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
                     if not accelerator.sync_gradients:
                         continue
                     step += 1
+                    emit("step", {"step": step, "loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0],
+                                  "tokens": progress.tokens, "seconds": time.perf_counter() - started})
                     if writer and step % training.log_every == 0:
                         writer.add_scalar("train/loss", progress.recent_loss, step)
                         writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
