@@ -16,6 +16,7 @@ Layout (every section optional except ``model`` and ``data``)::
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,6 +213,30 @@ def _section_fields(path: tuple, root: type[BaseModel]) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+_PLAIN = {"a valid integer": "a whole number", "a valid number": "a number", "a valid boolean": "true or false",
+          "a valid string": "text", "a valid list": "a list, e.g. [a, b]",
+          "greater than or equal to": "at least", "less than or equal to": "at most"}
+
+
+def _shown(value: Any) -> str:
+    """A config value as the user wrote it (YAML-like), shortened."""
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problem(item: dict[str, Any]) -> str:
+    """What is wrong with one value: the value given and what is allowed."""
+    if item["type"] in {"dict_type", "model_type", "model_attributes_type"}:
+        allowed = "a section of `key: value` lines"
+    else:
+        allowed = item["msg"].removeprefix("Input should be ").split(", unable to")[0].split(", got a")[0]
+        for pydantic_words, plain in _PLAIN.items():
+            allowed = allowed.replace(pydantic_words, plain)
+        if item["type"] == "literal_error":
+            allowed = "one of " + allowed
+    return f"is {_shown(item['input'])}, but it must be {allowed}"
+
+
 def readable_error(error: ValidationError, root: type[BaseModel] | None = None, prefix: str = "") -> str:
     """Pydantic's errors as one line: each key with what is wrong, unknown keys with a suggestion."""
     root = root or RunConfig
@@ -224,6 +249,8 @@ def readable_error(error: ValidationError, root: type[BaseModel] | None = None, 
             lines.append(f"unknown key `{where}`{hint}")
         elif item["type"] == "missing":
             lines.append(f"missing key `{where}`")
+        elif item["msg"].startswith("Input should be"):  # a wrong type or a value out of range
+            lines.append(f"`{where}` {_problem(item)}")
         else:
             msg = item["msg"].removeprefix("Value error, ")
             lines.append(f"`{where}`: {msg}" if loc else msg)
@@ -261,12 +288,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """Validate a raw mapping (plus overrides) into a :class:`RunConfig`."""
     if not isinstance(raw, dict):
-        raise ConfigError("a config must be a YAML mapping of sections (model, data, ...)")
+        raise ConfigError(f"a config must be a YAML mapping of sections (model, data, ...), not {_kind(raw)}")
     raw = apply_overrides(raw, overrides or [])
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"invalid config: {readable_error(error)}", "see `peftlab train --help`") from None
+        raise ConfigError(f"invalid config: {readable_error(error)}",
+                          "fix these keys in the recipe or --set overrides (see `peftlab train --help`)") from None
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a single text", type(None): "empty"}.get(type(value), f"a {type(value).__name__}")
+
+
+_NEEDS = ("a recipe needs at least a `model:` section (with `name:`) and a `data:` section (with `builtin:`, "
+          "`dataset:` or `train_file:`), each key on its own line, indented below its section")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -275,7 +311,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                          f"{error.start})", "save the recipe as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        if mark is None:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        context = f" ({error.context} from line {error.context_mark.line + 1})" if getattr(
+            error, "context_mark", None) else ""
+        raise ConfigError(f"{path} is not valid YAML: line {mark.line + 1}, column {mark.column + 1}: "
+                          f"{error.problem}{context}",
+                          f"check the indentation (spaces, not tabs), colons and quotes near line {mark.line + 1}"
+                          ) from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty", _NEEDS)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (model:, data:, ...), but it holds {_kind(raw)}",
+                          _NEEDS)
     return build_config(raw, overrides)
