@@ -7,6 +7,7 @@ there is one) with the raw columns; the task family turns them into model inputs
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 import datasets
@@ -69,18 +70,70 @@ BUILTIN_DATASETS = {
 
 # --- loading ---------------------------------------------------------------------------
 
-def _load_files(cfg: DataConfig) -> datasets.DatasetDict:
+_COMPRESSED = {".gz", ".bz2", ".xz", ".zst"}
+_CHUNK = 1 << 20
+
+
+def _check_file(path: Path, fmt: str, name: str) -> None:
+    """Fail clearly on what the parsers report badly: empty, binary, non-UTF-8 and header-only files."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{name} is empty (0 bytes)", "point the config at the file that holds the examples")
+    if path.suffix in _COMPRESSED:
+        return
+    kind = "Parquet" if fmt == "parquet" else path.suffix[1:].upper()
+    with path.open("rb") as handle:
+        head = handle.read(_CHUNK)
+        if fmt == "parquet":
+            if not head.startswith(b"PAR1"):
+                raise DataError(f"{name} is not a Parquet file", "is the file extension right?")
+            return
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataError(f"{name} is UTF-16 text; peftlab reads UTF-8",
+                            f"re-encode it, e.g. `iconv -f utf-16 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`")
+        if b"\0" in head[:8192]:
+            raise DataError(f"{name} holds binary data, not {kind} text",
+                            "is the file extension right? peftlab reads CSV / TSV / JSON Lines text and Parquet")
+        decoder, lines, chunk = codecs.getincrementaldecoder("utf-8")(), 0, head
+        while True:
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                line = lines + error.object.count(b"\n", 0, error.start) + 1
+                raise DataError(f"{name} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line})",
+                                "re-encode it as UTF-8, e.g. from Windows-1252 / Latin-1: "
+                                f"`iconv -f cp1252 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`") from None
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            chunk = handle.read(_CHUNK)
+    rows = [line for line in head.splitlines() if line.strip()]
+    if not rows:
+        raise DataError(f"{name} holds only blank lines", "point the config at the file that holds the examples")
+    if fmt == "csv" and len(rows) == 1 and len(head) < _CHUNK:
+        raise DataError(f"{name} has a header line but no rows", "add the examples below the header")
+
+
+def _load_files(cfg: DataConfig, role: str | None = None) -> datasets.DatasetDict:
+    """The configured local files; ``role`` names a single file in messages (default: "SPLIT file")."""
     files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
     files = {split: path for split, path in files.items() if path}
     formats = set()
     for split, path in files.items():
         p = Path(path)
         if not p.is_file():
-            raise DataError(f"{split} file not found: {path}")
-        suffix = p.suffixes[-2] if p.suffix in {".gz", ".bz2", ".xz", ".zst"} and len(p.suffixes) > 1 else p.suffix
+            raise DataError(f"{role or f'{split} file'} not found: {path}",
+                            f"check the path{'' if role else f' in data.{split}_file'} (a relative path starts from "
+                            f"{Path.cwd()})")
+        suffix = p.suffixes[-2] if p.suffix in _COMPRESSED and len(p.suffixes) > 1 else p.suffix
         if suffix not in _FILE_FORMATS:
-            raise DataError(f"cannot read {path}: unknown format", "use .csv, .tsv, .jsonl/.json or .parquet")
+            raise DataError(f'cannot read {path}: unknown file type "{suffix or "(no extension)"}"',
+                            "peftlab reads .csv, .tsv, .jsonl / .json and .parquet (also .gz / .bz2 / .xz / .zst "
+                            "compressed): rename or convert the file")
         formats.add(_FILE_FORMATS[suffix])
+        try:
+            _check_file(p, _FILE_FORMATS[suffix], f"the {role or f'{split} file'} {path}")
+        except OSError as error:
+            raise DataError(f"cannot read {path}: {error.strerror or error}") from None
     if len(formats) != 1:
         raise DataError("all data files must have the same format", f"got {', '.join(sorted(formats))}")
     fmt = formats.pop()
@@ -162,7 +215,7 @@ def load_splits(cfg: DataConfig, seed: int = 42) -> dict[str, datasets.Dataset]:
 
 def load_eval_file(path: str) -> datasets.Dataset:
     """One local file as a dataset (for `peftlab eval --data` / `predict --file`)."""
-    return _load_files(DataConfig(train_file=path))["train"]
+    return _load_files(DataConfig(train_file=path), role="data file")["train"]
 
 
 def require_columns(dataset: datasets.Dataset, columns: dict[str, str | None], where: str) -> None:
