@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +64,57 @@ def test_unknown_override_key(capsys, monkeypatch, tmp_path, recipe):
                  'did you mean "max_length"')
 
 
+def test_recipe_with_a_yaml_syntax_error_names_the_file_and_line(capsys, monkeypatch, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  name: bert\ndata:\n  train_file: train.csv\n   max_length: 32\n")
+    expect_error(capsys, monkeypatch, ["train", str(path)], f"{path} is not valid YAML", "line 5",
+                 "indentation")
+
+
+@pytest.mark.parametrize("text, fragment", [("- model\n- data\n", "holds a list"),
+                                            ("just some words\n", "holds a single text")])
+def test_recipe_that_is_not_a_mapping(capsys, monkeypatch, tmp_path, text, fragment):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    expect_error(capsys, monkeypatch, ["train", str(path)], "must be a mapping of sections", fragment, "`model:`")
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_recipe(capsys, monkeypatch, tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    expect_error(capsys, monkeypatch, ["train", str(path)], f"{path} is empty", "`model:` section")
+
+
+def test_recipe_that_is_not_utf8(capsys, monkeypatch, tmp_path, recipe):
+    path = write_recipe(tmp_path, recipe)
+    path.write_bytes(path.read_bytes() + "# caf\u00e9\n".encode("latin-1"))
+    expect_error(capsys, monkeypatch, ["train", str(path)], "is not UTF-8", "0xe9")
+
+
+@pytest.mark.parametrize("key, value, fragments", [
+    ("training.batch_size", "sixteen", ['`training.batch_size` is "sixteen"', "must be a whole number"]),
+    ("training.learning_rate", -1, ["`training.learning_rate` is -1", "must be greater than 0"]),
+    ("data.max_length", 2, ["`data.max_length` is 2", "must be at least 8"]),
+    ("training.precision", "fp8", ['`training.precision` is "fp8"', "must be one of 'auto', 'fp32'"]),
+    ("training.progress", "maybe", ['`training.progress` is "maybe"', "must be true or false"]),
+    ("model", "bert", ['`model` is "bert"', "must be a section"]),
+])
+def test_wrong_type_or_out_of_range_value(capsys, monkeypatch, tmp_path, recipe, key, value, fragments):
+    *sections, last = key.split(".")
+    node = recipe
+    for section in sections:
+        node = node[section]
+    node[last] = value
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "invalid config", *fragments,
+                 output=Path(recipe["output_dir"]))
+
+
+def test_wrong_type_in_an_override(capsys, monkeypatch, tmp_path, recipe):
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--set", "training.batch_size=sixteen"),
+                 '`training.batch_size` is "sixteen"', "must be a whole number")
+
+
 def test_unknown_method(capsys, monkeypatch, tmp_path, recipe):
     recipe["method"]["name"] = "lorra"
     expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'unknown method "lorra"', 'did you mean "lora"')
@@ -99,11 +153,41 @@ def test_labels_outside_the_configured_set(capsys, monkeypatch, tmp_path, recipe
                  output=Path(recipe["output_dir"]))
 
 
-def test_empty_dataset(capsys, monkeypatch, tmp_path, recipe):
-    empty = tmp_path / "empty.csv"
+LATIN1_CSV = "text,label\nalpha great,positive\ncaf\u00e9 awful,negative\n".encode("latin-1")
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10"
+
+
+@pytest.mark.parametrize("name, content, fragments", [
+    ("train.csv", b"", ["the train file", "train.csv is empty (0 bytes)"]),
+    ("train.csv", b"text,label\n", ["train.csv has a header line but no rows"]),
+    ("train.jsonl", b"\n  \n", ["train.jsonl holds only blank lines"]),
+    ("train.txt", b"alpha great\n", ['unknown file type ".txt"', ".csv, .tsv, .jsonl"]),
+    ("train.csv", PNG, ["train.csv holds binary data, not CSV text", "extension"]),
+    ("train.parquet", b"text,label\n", ["train.parquet is not a Parquet file"]),
+    ("train.csv", LATIN1_CSV, ["train.csv is not UTF-8 text (byte 0xe9 on line 3)", "re-encode it as UTF-8",
+                               "iconv"]),
+    ("train.csv", b"\xff\xfet\x00e\x00x\x00t\x00", ["train.csv is UTF-16 text", "iconv -f utf-16"]),
+])
+def test_unreadable_data_file(capsys, monkeypatch, tmp_path, recipe, name, content, fragments):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    recipe["data"]["train_file"] = str(bad)
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), *fragments, output=Path(recipe["output_dir"]))
+
+
+def test_unreadable_file_for_eval(capsys, monkeypatch, tmp_path, trained):
+    bad = tmp_path / "more.csv"
+    bad.write_bytes(LATIN1_CSV)
+    expect_error(capsys, monkeypatch, ["eval", str(trained), "--data", str(bad)],
+                 f"the data file {bad} is not UTF-8 text", "iconv")
+
+
+def test_empty_validation_split(capsys, monkeypatch, tmp_path, recipe):
+    empty = tmp_path / "validation.csv"
     empty.write_text("text,label\n")
-    recipe["data"]["train_file"] = str(empty)
-    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "empty", output=Path(recipe["output_dir"]))
+    recipe["data"]["validation_file"] = str(empty)
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "the validation file",
+                 "has a header line but no rows", output=Path(recipe["output_dir"]))
 
 
 def test_malformed_file(capsys, monkeypatch, tmp_path, recipe):
