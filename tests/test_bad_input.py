@@ -190,6 +190,36 @@ def test_empty_validation_split(capsys, monkeypatch, tmp_path, recipe):
                  "has a header line but no rows", output=Path(recipe["output_dir"]))
 
 
+def test_overlong_texts_are_truncated_with_one_warning(capsys, monkeypatch, tmp_path, recipe, tiny_models,
+                                                        keyword_data):
+    import csv
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert"]))
+
+    def too_long(path):
+        with open(path) as handle:
+            return sum(len(tokenizer(row["text"])["input_ids"]) > 8 for row in csv.DictReader(handle))
+
+    recipe["data"]["max_length"] = 8
+    code, _, err = run_cli(capsys, monkeypatch, *train_args(tmp_path, recipe, "--set", "training.max_steps=2"))
+    assert code in (0, None), err
+    n_train, n_eval = too_long(keyword_data["train"]), too_long(keyword_data["validation"])
+    assert 0 < n_train < 256 and 0 < n_eval < 64
+    assert (f"{n_train} of 256 rows in the train split are longer than max_length=8 tokens and were truncated"
+            in err), err
+    assert f"{n_eval} of 64 rows in the eval split are longer than max_length=8 tokens" in err
+    assert sum("truncated" in line for line in err.splitlines()) == 2
+    assert (Path(recipe["output_dir"]) / "adapter_model.safetensors").is_file()
+
+
+def test_texts_within_max_length_give_no_warning(capsys, monkeypatch, tmp_path, recipe):
+    code, _, err = run_cli(capsys, monkeypatch, *train_args(tmp_path, recipe, "--set", "training.max_steps=2"))
+    assert code in (0, None), err
+    assert "truncated" not in err
+
+
 def test_malformed_file(capsys, monkeypatch, tmp_path, recipe):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "alpha great", "label": "positive"}\n{"text": "oops\n')

@@ -16,6 +16,7 @@ from peftlab.config import DataConfig, ModelConfig
 from peftlab.data import require_columns
 from peftlab.errors import DataError
 from peftlab.model import load_base
+from peftlab.progress import warn
 
 _HEAD_NAMES = ("classifier", "score")
 
@@ -107,7 +108,11 @@ class SequenceClassification:
         has_labels = label in dataset.column_names
 
         def tokenize(batch):
-            out = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_length)
+            texts = (batch[text], batch[pair] if pair else None)
+            out = tokenizer(*texts, truncation=True, max_length=max_length)
+            # one token more tells which rows were cut (a column, so it holds when map() reads its cache)
+            out["_long"] = [len(ids) > max_length for ids in
+                            tokenizer(*texts, truncation=True, max_length=max_length + 1)["input_ids"]]
             if has_labels:
                 if meta["regression"]:
                     out["labels"] = [float(v) for v in batch[label]]
@@ -116,6 +121,11 @@ class SequenceClassification:
             return out
 
         encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+        long_rows = sum(encoded["_long"])
+        encoded = encoded.remove_columns("_long")
+        if long_rows:
+            warn(f"{long_rows} of {len(dataset)} rows in {where} are longer than max_length={max_length} tokens "
+                 "and were truncated (raise data.max_length to keep more of each text)")
         if has_labels and not meta["regression"] and any(v is None for v in encoded["labels"]):
             raise DataError(f"{where} has labels outside the label set [{', '.join(meta['labels'])}]")
         return encoded
