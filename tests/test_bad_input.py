@@ -247,6 +247,107 @@ def test_existing_output_is_not_clobbered(capsys, monkeypatch, tmp_path, recipe)
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_output_is_an_existing_file(capsys, monkeypatch, tmp_path, recipe):
+    out = Path(recipe["output_dir"])
+    out.write_text("mine")
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--overwrite"), "is a file, not a directory")
+    assert out.read_text() == "mine"
+
+
+def no_training_work(monkeypatch):
+    """Fail the test if the run gets as far as loading data."""
+    import importlib
+
+    def load_splits(*args, **kwargs):
+        raise AssertionError("the output directory should have been checked before any work")
+
+    monkeypatch.setattr(importlib.import_module("peftlab.train"), "load_splits", load_splits)
+
+
+def test_output_dir_under_a_file(capsys, monkeypatch, tmp_path, recipe):
+    (tmp_path / "notes.txt").write_text("mine")
+    recipe["output_dir"] = str(tmp_path / "notes.txt" / "runs" / "run")
+    no_training_work(monkeypatch)
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "cannot create output directory",
+                 "notes.txt is a file, not a directory")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes to read-only folders (covered by test_output_dir_under_a_file)")
+def test_output_dir_not_writable(capsys, monkeypatch, tmp_path, recipe):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    recipe["output_dir"] = str(locked / "run")
+    no_training_work(monkeypatch)
+    locked.chmod(0o500)
+    try:
+        expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), f"{locked} is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_disk_full_while_saving_keeps_the_previous_run(capsys, monkeypatch, tmp_path, recipe, trained):
+    import peftlab.artifacts
+
+    out = copy_adapter(trained, tmp_path / "run")
+    before = snapshot(out)
+
+    def full_disk(path, data):  # the disk fills up halfway through writing peftlab.json
+        path.write_text('{"task": "se')
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(peftlab.artifacts, "write_json", full_disk)
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--overwrite", "--set", "training.max_steps=2",
+                                                 "--output-dir", str(out)),
+                 "the disk is full", "No space left on device", f"nothing was changed: {out} is as it was",
+                 "free some disk space")
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob(".run.*")), "a failed save left a temporary directory"
+
+
+def test_disk_full_on_a_new_output(capsys, monkeypatch, tmp_path, recipe):
+    import peftlab.artifacts
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(peftlab.artifacts.PeftModel, "save_pretrained", full_disk)
+    out = Path(recipe["output_dir"])
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--set", "training.max_steps=2"),
+                 "the disk is full", f"{out} was not created", output=out)
+
+
+def test_stale_temp_dirs_of_killed_runs_are_removed(capsys, monkeypatch, tmp_path, recipe):
+    import peftlab.artifacts
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(done.stdout), os.getppid()  # a finished process, and one that runs
+    killed = tmp_path / f".run.tmp-{dead}-0123abcd"
+    running = tmp_path / f".run.tmp-{alive}-4567cdef"
+    moved_aside = tmp_path / f".run.old-{dead}-89abcdef"  # killed mid-swap: maybe the only copy of a run
+    other = tmp_path / f".run2.tmp-{dead}-0123abcd"  # another output's
+    for folder in (killed, running, moved_aside, other):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+
+    staged = []
+    save_run = peftlab.artifacts.save_run
+    monkeypatch.setattr(peftlab.artifacts, "save_run", lambda directory, *a: staged.append(directory.name)
+                        or save_run(directory, *a))
+    code, _, err = run_cli(capsys, monkeypatch, *train_args(tmp_path, recipe, "--set", "training.max_steps=2"))
+    assert code in (0, None), err
+    assert not killed.exists()
+    assert running.exists() and moved_aside.exists() and other.exists()
+    assert f"removed {killed.name}" in err
+    assert len(staged) == 1 and staged[0].startswith(f".run.tmp-{os.getpid()}-"), staged
+    assert (Path(recipe["output_dir"]) / "adapter_model.safetensors").is_file()
+
+
 # --- adapters ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -295,6 +396,25 @@ def test_adapter_malformed_config(capsys, monkeypatch, tmp_path, trained):
     broken = copy_adapter(trained, tmp_path / "a")
     (broken / "adapter_config.json").write_text("{not json")
     expect_error(capsys, monkeypatch, ["eval", str(broken)], "adapter_config.json is malformed")
+
+
+def test_adapter_config_from_a_newer_peft(capsys, monkeypatch, tmp_path, trained):
+    newer = copy_adapter(trained, tmp_path / "a")
+    config = json.loads((newer / "adapter_config.json").read_text())
+    (newer / "adapter_config.json").write_text(json.dumps({**config, "lora_future_knob": 0.5}))
+    code, out, err = run_cli(capsys, monkeypatch, "predict", str(newer), "--text", "alpha great", "--format", "jsonl")
+    assert code in (0, None), err
+    assert json.loads(out)["label"] in {"negative", "positive"}
+    warnings = [line for line in err.splitlines() if "lora_future_knob" in line]
+    assert len(warnings) == 1 and "ignored" in warnings[0] and "newer peft" in warnings[0], err
+
+
+def test_adapter_of_a_peft_method_this_peft_lacks(capsys, monkeypatch, tmp_path, trained):
+    newer = copy_adapter(trained, tmp_path / "a")
+    config = json.loads((newer / "adapter_config.json").read_text())
+    (newer / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "HYPERLORA"}))
+    expect_error(capsys, monkeypatch, ["predict", str(newer), "--text", "hi"], 'PEFT method "HYPERLORA"',
+                 "pip install -U peft")
 
 
 def test_adapter_for_a_different_base_model(capsys, monkeypatch, tmp_path, trained, tiny_models):

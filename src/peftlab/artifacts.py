@@ -7,25 +7,33 @@
     peftlab.json                task metadata (labels), method, sizes, timing, library versions
     metrics.json                final metrics (and the per-evaluation history)
 
-A run directory is written to a temporary sibling and renamed into place at the end, so
-a failed or interrupted run never leaves a half-written output directory.
+A run directory is written to a temporary sibling (``.NAME.tmp-<pid>-<hex>``) and renamed
+into place at the end, so a failed or interrupted run never leaves a half-written output
+directory; the next run into the same place removes the temporary siblings of killed runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import glob
 import json
+import os
 import platform
+import re
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 import yaml
-from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,6 +41,7 @@ from peftlab import compat
 from peftlab.config import ModelConfig, RunConfig, build_config
 from peftlab.errors import AdapterError, PeftlabError
 from peftlab.model import load_model_config, load_tokenizer
+from peftlab.progress import warn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,29 +72,105 @@ def write_json(path: Path, data: Any) -> None:
 # --- writing ----------------------------------------------------------------------------
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Fail before any work if the output directory would be clobbered."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    """Fail before any work if the output directory would be clobbered or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise PeftlabError(f"output_dir {path} is a file, not a directory", "choose another output_dir")
+    if path.exists() and any(path.iterdir()) and not overwrite:
         raise PeftlabError(f"output directory {path} already exists and is not empty",
                            "choose another output_dir, or pass --overwrite")
+    parent = path.absolute().parent
+    while not parent.exists():  # the nearest folder that exists: the run's folders are made inside it
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PeftlabError(f"cannot create output directory {path}: {parent} is a file, not a directory",
+                           "choose another output_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PeftlabError(f"cannot write output directory {path}: {parent} is not writable",
+                           "choose an output_dir in a folder you can write to")
+
+
+_STAGING = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _staging_name(final: Path, kind: str) -> Path:
+    """``.NAME.tmp-<pid>-<hex>``: the pid tells a later run whether its writer is still alive."""
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt" or pid == os.getpid():  # os.kill(pid, 0) is not a probe on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        pass
+    return True
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Delete the temporary siblings of ``final`` left by runs that were killed (their process is gone).
+
+    A dead run's ``.old-`` folder (the previous run, moved aside) is kept while ``final``
+    does not exist: it may be the only copy.
+    """
+    removed = []
+    for sibling in final.parent.glob(f".{glob.escape(final.name)}.*"):
+        match = _STAGING.fullmatch(sibling.name[len(final.name) + 1:])
+        if not match or _alive(int(match["pid"])) or (match["kind"] == "old" and not final.exists()):
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+        removed.append(sibling)
+    if removed:
+        warn(f"removed {', '.join(p.name for p in removed)} beside {final}: left by a run that was killed")
+    return removed
+
+
+def _disk_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) in {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)} or any(
+        text in str(error) for text in ("No space left", "StorageFull", "Disk quota exceeded"))
+
+
+def _write_error(error: BaseException, final: Path) -> PeftlabError:
+    unchanged = f"nothing was changed: {final} is as it was" if final.exists() else f"{final} was not created"
+    if _disk_full(error):
+        return PeftlabError(f"the disk is full: could not write the run ({error}); {unchanged}",
+                            "free some disk space (or choose an output_dir on another disk) and run again")
+    return PeftlabError(f"could not write the run: {error}; {unchanged}",
+                        "check that the output folder is writable, then run again")
 
 
 @contextmanager
 def staging_dir(final: Path, overwrite: bool):
-    """A temporary directory beside ``final`` that replaces it only if the block succeeds."""
+    """A temporary directory beside ``final`` that replaces it only if the block succeeds.
+
+    Any failure removes it; operating-system errors (a full disk, a lost mount) become a
+    :class:`PeftlabError` that says the previous ``final`` is untouched.
+    """
     check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_staging(final)
+    tmp = _staging_name(final, "tmp")
     tmp.mkdir()
     try:
         yield tmp
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(error, final) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
+    old = _staging_name(final, "old") if final.exists() else None
+    try:
+        if old:
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as error:
+        if old and old.exists() and not final.exists():
+            old.rename(final)  # put the previous run back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(error, final) from None
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -135,13 +220,27 @@ def _adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _peft_config(path: Path) -> PeftConfig:
-    if not (path / ADAPTER_CONFIG).is_file():
+    """The adapter's peft config; keys from a newer peft are dropped with one warning that names them."""
+    file = path / ADAPTER_CONFIG
+    if not file.is_file():
         raise AdapterError(f"{path} has no {ADAPTER_CONFIG}", "is this an adapter directory?")
     try:
-        json.loads((path / ADAPTER_CONFIG).read_text())
-        return PeftConfig.from_pretrained(str(path))
-    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as error:
-        raise AdapterError(f"{path / ADAPTER_CONFIG} is malformed: {error}") from None
+        raw = json.loads(file.read_text())
+        if not isinstance(raw, dict) or "peft_type" not in raw:
+            raise ValueError("it is not a JSON object with a peft_type")
+        if raw["peft_type"] not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            raise AdapterError(f'{file} names the PEFT method "{raw["peft_type"]}", which peft {peft.__version__} '
+                               "does not know", "it was probably made with a newer peft: pip install -U peft")
+        with warnings.catch_warnings():  # peft warns about unknown keys; we name them below, once
+            warnings.filterwarnings("ignore", message="Unexpected keyword arguments")
+            config = PeftConfig.from_pretrained(str(path))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, KeyError) as error:
+        raise AdapterError(f"{file} is malformed: {error}") from None
+    ignored = sorted(set(raw) - {f.name for f in dataclasses.fields(config)} - {"runtime_config"})
+    if ignored:
+        warn(f"{file} has settings this peft ({peft.__version__}) does not know, ignored: {', '.join(ignored)}; "
+             "it was probably saved by a newer peft (pip install -U peft to use them)")
+    return config
 
 
 def _normalise(key: str) -> str:
@@ -200,7 +299,7 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
     tokenizer = load_tokenizer(model_cfg, str(path) if has_tokenizer else None)
     base_model: PreTrainedModel = task.load_model(model_cfg, meta)
     try:
-        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False)
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False, config=peft_config)
     except (RuntimeError, ValueError, KeyError) as error:
         raise AdapterError(
             f"the adapter in {path} does not fit the base model {model_cfg.name}: {str(error).splitlines()[0]}",
