@@ -64,6 +64,13 @@ def test_unknown_override_key(capsys, monkeypatch, tmp_path, recipe):
                  'did you mean "max_length"')
 
 
+def test_missing_recipe(capsys, monkeypatch, tmp_path):
+    expect_error(capsys, monkeypatch, ["train", str(tmp_path / "recipe.yml")], "config file not found", "recipe.yml")
+
+
+def test_recipe_that_is_a_folder(capsys, monkeypatch, tmp_path):
+    expect_error(capsys, monkeypatch, ["train", str(tmp_path)], "is a folder, not a recipe file")
+
 def test_recipe_with_a_yaml_syntax_error_names_the_file_and_line(capsys, monkeypatch, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("model:\n  name: bert\ndata:\n  train_file: train.csv\n   max_length: 32\n")
@@ -181,6 +188,10 @@ def test_unreadable_file_for_eval(capsys, monkeypatch, tmp_path, trained):
     expect_error(capsys, monkeypatch, ["eval", str(trained), "--data", str(bad)],
                  f"the data file {bad} is not UTF-8 text", "iconv")
 
+
+def test_missing_file_for_eval(capsys, monkeypatch, tmp_path, trained):
+    expect_error(capsys, monkeypatch, ["eval", str(trained), "--data", str(tmp_path / "more.csv")],
+                 "data file not found", "more.csv")
 
 def test_empty_validation_split(capsys, monkeypatch, tmp_path, recipe):
     empty = tmp_path / "validation.csv"

@@ -308,6 +308,8 @@ _NEEDS = ("a recipe needs at least a `model:` section (with `name:`) and a `data
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML recipe, apply ``key=value`` overrides and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a recipe file", "pass the YAML file itself, e.g. recipe.yaml")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
