@@ -96,7 +96,8 @@ def test_empty_recipe(capsys, monkeypatch, tmp_path, text):
 def test_recipe_that_is_not_utf8(capsys, monkeypatch, tmp_path, recipe):
     path = write_recipe(tmp_path, recipe)
     path.write_bytes(path.read_bytes() + "# caf\u00e9\n".encode("latin-1"))
-    expect_error(capsys, monkeypatch, ["train", str(path)], "is not UTF-8", "0xe9")
+    expect_error(capsys, monkeypatch, ["train", str(path)], "is not UTF-8 text (byte 0xe9 on line",
+                 "save the recipe as UTF-8")
 
 
 @pytest.mark.parametrize("key, value, fragments", [

@@ -135,7 +135,8 @@ def _disk_full(error: BaseException) -> bool:
 def _write_error(error: BaseException, final: Path) -> PeftlabError:
     unchanged = f"nothing was changed: {final} is as it was" if final.exists() else f"{final} was not created"
     if _disk_full(error):
-        return PeftlabError(f"the disk is full: could not write the run ({error}); {unchanged}",
+        return PeftlabError(f"the disk is full ({getattr(error, 'strerror', None) or error}): could not write the "
+                            f"run; {unchanged}",
                             "free some disk space (or choose an output_dir on another disk) and run again")
     return PeftlabError(f"could not write the run: {error}; {unchanged}",
                         "check that the output folder is writable, then run again")
@@ -301,8 +302,9 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
     try:
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False, config=peft_config)
     except (RuntimeError, ValueError, KeyError) as error:
+        problem = f"no match for tensor {error.args[0]}" if isinstance(error, KeyError) else str(error).splitlines()[0]
         raise AdapterError(
-            f"the adapter in {path} does not fit the base model {model_cfg.name}: {str(error).splitlines()[0]}",
+            f"the adapter in {path} does not fit the base model {model_cfg.name}: {problem}",
             "it was made for a different base model; pass the right one with --base",
         ) from None
     _check_loaded(model, shapes, path, model_cfg.name)

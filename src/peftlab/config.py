@@ -214,7 +214,7 @@ def _section_fields(path: tuple, root: type[BaseModel]) -> list[str]:
 
 
 _PLAIN = {"a valid integer": "a whole number", "a valid number": "a number", "a valid boolean": "true or false",
-          "a valid string": "text", "a valid list": "a list, e.g. [a, b]",
+          "a valid string": "text", "a valid list": 'a list, e.g. ["a", "b"]',
           "greater than or equal to": "at least", "less than or equal to": "at most"}
 
 
@@ -315,8 +315,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
-                          f"{error.start})", "save the recipe as UTF-8") from None
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line})",
+                          "save the recipe as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         if mark is None:

@@ -81,6 +81,7 @@ def _check_file(path: Path, fmt: str, name: str) -> None:
     if path.suffix in _COMPRESSED:
         return
     kind = "Parquet" if fmt == "parquet" else path.suffix[1:].upper()
+    utf8 = path.with_name(f"{path.stem}.utf8{path.suffix}")  # for the re-encoding hints
     with path.open("rb") as handle:
         head = handle.read(_CHUNK)
         if fmt == "parquet":
@@ -89,7 +90,7 @@ def _check_file(path: Path, fmt: str, name: str) -> None:
             return
         if head.startswith((b"\xff\xfe", b"\xfe\xff")):
             raise DataError(f"{name} is UTF-16 text; peftlab reads UTF-8",
-                            f"re-encode it, e.g. `iconv -f utf-16 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`")
+                            f"re-encode it, e.g. `iconv -f utf-16 -t utf-8 {path} > {utf8}`")
         if b"\0" in head[:8192]:
             raise DataError(f"{name} holds binary data, not {kind} text",
                             "is the file extension right? peftlab reads CSV / TSV / JSON Lines text and Parquet")
@@ -101,7 +102,7 @@ def _check_file(path: Path, fmt: str, name: str) -> None:
                 line = lines + error.object.count(b"\n", 0, error.start) + 1
                 raise DataError(f"{name} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line})",
                                 "re-encode it as UTF-8, e.g. from Windows-1252 / Latin-1: "
-                                f"`iconv -f cp1252 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`") from None
+                                f"`iconv -f cp1252 -t utf-8 {path} > {utf8}`") from None
             if not chunk:
                 break
             lines += chunk.count(b"\n")
