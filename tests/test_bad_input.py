@@ -157,7 +157,7 @@ def test_misnamed_column_suggests(capsys, monkeypatch, tmp_path, recipe):
 
 def test_labels_outside_the_configured_set(capsys, monkeypatch, tmp_path, recipe):
     recipe["data"]["labels"] = ["negative", "neutral"]
-    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "outside the label set", "'positive'",
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), "outside the label set [negative, neutral]: 'positive'",
                  output=Path(recipe["output_dir"]))
 
 

@@ -11,7 +11,7 @@ from peftlab import compat, load_adapter
 from peftlab.methods import METHODS
 
 # A learning rate per technique that fits the tiny models (prompt methods need their own).
-LEARNING_RATES = {"lora": 1e-2, "ia3": 5e-2, "prefix": 1e-2, "ptuning-v2": 5e-2, "prompt": 1e-2, "ptuning": 1e-2}
+LEARNING_RATES = {"lora": 1e-2, "ia3": 5e-2, "prefix": 1e-2, "ptuning-v2": 3e-2, "prompt": 1e-2, "ptuning": 1e-2}
 PROBE = ["alpha great bravo charlie", "delta awful echo", "golf hotel india great kilo lima mike"]
 
 

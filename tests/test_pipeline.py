@@ -31,7 +31,9 @@ def test_keep_best_and_eval_reproduces_recorded_metrics(make_config):
     config = make_config("bert", "lora", **{"training.epochs": 4, "training.keep": "best"})
     events = []
     result = train(config, on_event=lambda kind, data: events.append((kind, data["step"])))
-    assert events == [("evaluation", e["step"]) for e in result.history] and len(events) == 4
+    evaluations = [event for event in events if event[0] == "evaluation"]
+    assert evaluations == [("evaluation", e["step"]) for e in result.history] and len(evaluations) == 4
+    assert [step for kind, step in events if kind == "step"] == list(range(1, 65))
     best = max(entry["accuracy"] for entry in result.history)
     assert result.metrics["accuracy"] == best
     recorded = json.loads((result.output_dir / "metrics.json").read_text())

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from peftlab.errors import PeftlabError
@@ -56,16 +57,46 @@ def _summary(result) -> Table:
 def train(
     config: Annotated[Path, typer.Argument(help="A YAML recipe.")],
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory and unfinished "
+                                                 "checkpoints.")] = False,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Where the adapter goes.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its latest checkpoint.")] = False,
+    num_processes: Annotated[int, typer.Option("--num-processes", "-n", min=1,
+                                               help="Data-parallel processes on this machine (one per GPU; "
+                                                    "CPU processes without GPUs).")] = 1,
 ) -> None:
     """Train an adapter from a recipe; evaluates as configured and saves the best or last adapter."""
     from peftlab import load_config
     from peftlab import train as run
 
     overrides = list(set_ or []) + ([f"output_dir={output_dir}"] if output_dir else [])
-    result = run(load_config(config, overrides), overwrite=overwrite)
-    out.print(_summary(result))
+    recipe = load_config(config, overrides)  # fails here, once, before any process starts
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        sys.exit(_relaunch(num_processes))
+    result = run(recipe, overwrite=overwrite, resume=resume)
+    if _is_main_process():
+        out.print(_summary(result))
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _relaunch(num_processes: int) -> int:
+    """Run this same command in ``num_processes`` data-parallel processes (torchrun; accelerate picks it up)."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in {"--num-processes", "-n"}:
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
+               "-m", "peftlab", *args]
+    return subprocess.call(command)
 
 
 @app.command("eval")
@@ -195,10 +226,13 @@ def main() -> None:
     try:
         app()
     except PeftlabError as error:
-        err.print(f"[bold red]error:[/bold red] {error.message}", highlight=False, soft_wrap=True)
-        if error.hint:
-            err.print(f"[dim]hint:[/dim] {error.hint}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        from peftlab.checkpoint import TrainingInterrupted
+
+        if _is_main_process():
+            err.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False, soft_wrap=True)
+            if error.hint:
+                err.print(f"[dim]hint:[/dim] {escape(error.hint)}", highlight=False, soft_wrap=True)
+        sys.exit(130 if isinstance(error, TrainingInterrupted) else 2)
     except KeyboardInterrupt:
         err.print("interrupted; no output was written")
         sys.exit(130)

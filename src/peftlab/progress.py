@@ -7,6 +7,7 @@ from collections import deque
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
@@ -16,7 +17,7 @@ console = Console(stderr=True)
 class TrainingProgress:
     """Counts optimizer steps; shows a running loss and tokens/s."""
 
-    def __init__(self, total_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, enabled: bool = True, completed: int = 0):
         self.enabled = enabled
         self.losses: deque[float] = deque(maxlen=20)
         self.tokens = 0
@@ -26,7 +27,7 @@ class TrainingProgress:
             TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), console=console, disable=not enabled,
             transient=False,
         )
-        self._task = self._progress.add_task("train", total=total_steps, stats="")
+        self._task = self._progress.add_task("train", total=total_steps, completed=completed, stats="")
 
     def __enter__(self) -> TrainingProgress:
         self._progress.__enter__()
@@ -56,4 +57,4 @@ class TrainingProgress:
 
 def warn(message: str) -> None:
     """A warning the user should see (e.g. truncated data), on stderr."""
-    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True, highlight=False)
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)

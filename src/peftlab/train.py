@@ -8,8 +8,12 @@ from ``transformers`` and ``peft``; the task family supplies data handling and m
 from __future__ import annotations
 
 import math
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +22,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import PeftModel, get_peft_model
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from peftlab import artifacts, compat
+from peftlab import artifacts, checkpoint, compat
+from peftlab.checkpoint import TrainingInterrupted, TrainingState
 from peftlab.config import RunConfig, TrainingConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
@@ -51,6 +56,7 @@ class RunResult:
     train_seconds: float
     adapter_bytes: int
     notes: list[str] = field(default_factory=list)
+    losses: list[dict[str, Any]] = field(default_factory=list)  # training loss every log_every steps
     model: PeftModel | None = field(default=None, repr=False)  # the kept adapter, in memory
     tokenizer: Any = field(default=None, repr=False)
 
@@ -85,29 +91,105 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _tensorboard(directory: Path):
+class EpochSampler(Sampler[int]):
+    """Shuffles each epoch from (seed, epoch) alone, so a resumed run replays the same order.
+
+    With ``group_by_length`` rows of similar length share a batch (less padding, same data).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.batch_size, self.seed, self.group_by_length = lengths, batch_size, seed, group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.group_by_length:
+            return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=generator))
+        return iter(torch.randperm(len(self.lengths), generator=generator).tolist())
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to checkpoint and stop at the next step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+def _tensorboard(directory: Path, first_step: int = 0):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("training.tensorboard needs the tensorboard package",
                           "pip install 'peftlab[tensorboard]'") from None
-    return SummaryWriter(str(directory))
+    return SummaryWriter(str(directory), purge_step=first_step or None)
 
 
-def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool = False,
+def _resume_point(config: RunConfig, resume: bool, overwrite: bool, main_process: bool) -> Path | None:
+    """The checkpoint to resume from, after refusing to silently mix runs."""
+    root = checkpoint.directory_for(config)
+    found = checkpoint.latest(root)
+    if resume:
+        if found is None:
+            raise PeftlabError(f"there is no checkpoint to resume in {root}", "start the run without --resume")
+        return found
+    if found is not None:
+        if not overwrite:
+            raise PeftlabError(f"{root} holds checkpoints of an unfinished run (latest: {found.name})",
+                               "continue it with --resume, or start over with --overwrite")
+        if main_process:
+            shutil.rmtree(root)
+    return None
+
+
+def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, evaluate_before: bool = False,
           on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunResult:
     """Train an adapter as ``config`` says and write the run directory.
 
     Args:
         config: a validated run config.
-        overwrite: replace an existing, non-empty output directory.
+        overwrite: replace an existing, non-empty output directory (and unfinished checkpoints).
+        resume: continue from the latest checkpoint of this run (same config; see peftlab.checkpoint).
         evaluate_before: also evaluate the untrained adapter (reported as ``initial_metrics``).
-        on_event: called with ("evaluation", metrics) etc., for callers that report progress.
+        on_event: called with ("step", {step, loss, ...}), ("evaluation", metrics) and ("checkpoint", {step, path}),
+            for callers that report progress.
     """
-    emit = on_event or (lambda kind, data: None)
     out = Path(config.output_dir)
     artifacts.check_output_dir(out, overwrite)
     training = config.training
+    accelerator = Accelerator(mixed_precision=mixed_precision(training),
+                              gradient_accumulation_steps=training.gradient_accumulation_steps)
+    main_process = accelerator.is_main_process
+    emit = (on_event if main_process else None) or (lambda kind, data: None)
+    resume_from = _resume_point(config, resume, overwrite, main_process)
+    accelerator.wait_for_everyone()
     set_seed(training.seed)
 
     # data and task
@@ -143,68 +225,82 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
                      + (f" minus {reserved} virtual tokens)" if reserved else ")"))
     train_set = task.encode(splits["train"], tokenizer, config.data, meta, max_length, "the train split")
     eval_set = task.encode(splits["eval"], tokenizer, config.data, meta, max_length, "the eval split")
-    collate = task.collator(tokenizer)
-    generator = torch.Generator().manual_seed(training.seed)
-    if training.group_by_length:
-        sampler = LengthGroupedSampler(training.batch_size, lengths=[len(ids) for ids in train_set["input_ids"]],
-                                       generator=generator)
-        train_loader = DataLoader(train_set, batch_size=training.batch_size, sampler=sampler, collate_fn=collate)
-    else:
-        train_loader = DataLoader(train_set, batch_size=training.batch_size, shuffle=True, collate_fn=collate,
-                                  generator=generator)
+    sampler = EpochSampler([len(ids) for ids in train_set["input_ids"]], training.batch_size, training.seed,
+                           training.group_by_length)
+    # its own generator: starting an epoch must not draw from the global RNG (dropout), or a resumed run diverges
+    train_loader = DataLoader(train_set, batch_size=training.batch_size, sampler=sampler,
+                              collate_fn=task.collator(tokenizer), generator=torch.Generator().manual_seed(training.seed))
 
     # optimisation
+    optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / training.gradient_accumulation_steps))
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
     warmup = training.warmup_steps if training.warmup_steps is not None else int(training.warmup_ratio * total_steps)
-    accelerator = Accelerator(mixed_precision=mixed_precision(training),
-                              gradient_accumulation_steps=training.gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
-    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    scheduler = accelerator.prepare(get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                                                  num_training_steps=total_steps))
     trainable_params = [p for p in model.parameters() if p.requires_grad]
+    unwrapped: PeftModel = accelerator.unwrap_model(model)
 
-    history: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, torch.Tensor], dict[str, Any]] | None = None
+    state = TrainingState()
+    if resume_from is not None:
+        state = checkpoint.restore(resume_from, accelerator, model, optimizer, scheduler, config)
+        notes.append(f"resumed from {resume_from} (step {state.step})")
+    checkpoints = checkpoint.directory_for(config)
     initial = None
 
-    with artifacts.staging_dir(out, overwrite) as staging:
-        writer = _tensorboard(staging / "tensorboard") if training.tensorboard else None
+    staging_context = artifacts.staging_dir(out, overwrite) if main_process else _no_staging()
+    with staging_context as staging:
+        writer = _tensorboard(staging / "tensorboard", state.step) if training.tensorboard and staging else None
 
         def evaluate_now() -> dict[str, float]:
             with accelerator.autocast():
-                return task.evaluate(model, tokenizer, splits["eval"], eval_set, config.data, meta, max_length,
+                return task.evaluate(unwrapped, tokenizer, splits["eval"], eval_set, config.data, meta, max_length,
                                      training.eval_batch_size)
 
-        def run_eval(step: int, epoch: float) -> dict[str, Any]:
-            nonlocal best
+        def run_eval() -> None:
             metrics = evaluate_now()
             if main_metric not in metrics:
                 raise ConfigError(f'training.metric_for_best "{main_metric}" is not a metric of this task',
                                   f"metrics: {', '.join(metrics)}")
-            entry = {"step": step, "epoch": round(epoch, 3), **metrics}
-            history.append(entry)
+            entry = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 3), **metrics}
+            state.history.append(entry)
             if writer:
                 for key, value in metrics.items():
-                    writer.add_scalar(f"eval/{key}", value, step)
+                    writer.add_scalar(f"eval/{key}", value, state.step)
             score = -metrics[main_metric] if main_metric in LOWER_IS_BETTER else metrics[main_metric]
-            if training.keep == "best" and (best is None or score > best[0]):
-                best = (score, _trainable_state(model), entry)
+            if training.keep == "best" and (state.best_score is None or score > state.best_score):
+                state.best_score, state.best_weights, state.best_entry = score, _trainable_state(unwrapped), entry
             emit("evaluation", entry)
+            progress.log_eval(entry, main_metric)
             model.train()
-            return entry
 
-        if evaluate_before:
+        def save_checkpoint() -> Path:
+            state.seconds = elapsed()
+            path = checkpoint.save(checkpoints, accelerator, model, optimizer, scheduler, state, config,
+                                   training.checkpoint_keep)
+            emit("checkpoint", {"step": state.step, "path": str(path)})
+            return path
+
+        if evaluate_before and resume_from is None:
             initial = evaluate_now()
             emit("initial", initial)
 
         model.train()
-        step, epoch, started = 0, 0, time.perf_counter()
-        last_eval_step = -1
-        with TrainingProgress(total_steps, enabled=training.progress) as progress:
-            while step < total_steps:
-                for batch in train_loader:
+        started = time.perf_counter()
+
+        def elapsed() -> float:
+            return state.seconds + time.perf_counter() - started
+
+        evaluated = {entry["step"] for entry in state.history}
+        with TrainingProgress(total_steps, enabled=training.progress and main_process, completed=state.step) \
+                as progress, _StopRequest() as stop:
+            step_losses: list[float] = []
+            while state.step < total_steps:
+                train_loader.set_epoch(state.epoch)
+                batches = accelerator.skip_first_batches(train_loader, state.batch) if state.batch else train_loader
+                for batch in batches:
+                    state.batch += 1
                     with accelerator.accumulate(model):
                         loss = model(**batch).loss
                         accelerator.backward(loss)
@@ -215,50 +311,82 @@ def train(config: RunConfig, *, overwrite: bool = False, evaluate_before: bool =
                         optimizer.zero_grad(set_to_none=True)
                     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch[
                         "input_ids"].numel()
-                    progress.add(loss.item(), tokens, accelerator.sync_gradients)
+                    state.tokens += tokens
+                    step_losses.append(loss.item())
+                    progress.add(step_losses[-1], tokens, accelerator.sync_gradients)
                     if not accelerator.sync_gradients:
                         continue
-                    step += 1
-                    emit("step", {"step": step, "loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0],
-                                  "tokens": progress.tokens, "seconds": time.perf_counter() - started})
-                    if writer and step % training.log_every == 0:
-                        writer.add_scalar("train/loss", progress.recent_loss, step)
-                        writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
-                    if training.eval_strategy == "steps" and step % training.eval_steps == 0:
-                        progress.log_eval(run_eval(step, step / steps_per_epoch), main_metric)
-                        last_eval_step = step
-                    if step >= total_steps:
+                    state.step += 1
+                    step_loss, step_losses = sum(step_losses) / len(step_losses), []
+                    end_of_epoch = state.batch >= len(train_loader)
+                    if end_of_epoch:
+                        state.epoch, state.batch = state.epoch + 1, 0
+                    emit("step", {"step": state.step, "loss": step_loss, "learning_rate": scheduler.get_last_lr()[0],
+                                  "tokens": state.tokens, "seconds": elapsed()})
+                    state.unlogged.append(step_loss)
+                    if state.step % training.log_every == 0:
+                        logged = {"step": state.step, "loss": sum(state.unlogged) / len(state.unlogged),
+                                  "learning_rate": scheduler.get_last_lr()[0]}
+                        state.losses.append(logged)
+                        state.unlogged = []
+                        if writer:
+                            writer.add_scalar("train/loss", logged["loss"], state.step)
+                            writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], state.step)
+                    if ((training.eval_strategy == "steps" and state.step % training.eval_steps == 0)
+                            or (training.eval_strategy == "epoch" and end_of_epoch)):
+                        run_eval()
+                        evaluated.add(state.step)
+                    if stop.agreed(accelerator):
+                        path = save_checkpoint()
+                        raise TrainingInterrupted(
+                            f"interrupted at step {state.step} of {total_steps}; checkpoint saved in {path}",
+                            "continue with the same command plus --resume")
+                    if training.checkpoint_every and state.step % training.checkpoint_every == 0 \
+                            and state.step < total_steps:
+                        save_checkpoint()
+                    if state.step >= total_steps:
                         break
-                epoch += 1
-                if training.eval_strategy == "epoch" and last_eval_step != step:
-                    progress.log_eval(run_eval(step, step / steps_per_epoch), main_metric)
-                    last_eval_step = step
-            train_seconds = time.perf_counter() - started
-            if last_eval_step != step:
-                progress.log_eval(run_eval(step, step / steps_per_epoch), main_metric)
+                else:  # the epoch ran out (normally handled at its last step)
+                    if state.batch:
+                        state.epoch, state.batch = state.epoch + 1, 0
+            train_seconds = elapsed()
+            if state.step not in evaluated:
+                run_eval()
 
-        unwrapped: PeftModel = accelerator.unwrap_model(model)
-        final = history[-1]
-        if training.keep == "best" and best is not None:
+        final = state.history[-1]
+        if training.keep == "best" and state.best_weights is not None:
             with torch.no_grad():
                 for name, param in unwrapped.named_parameters():
-                    if name in best[1]:
-                        param.copy_(best[1][name].to(param.device))
-            final = best[2]
+                    if name in state.best_weights:
+                        param.copy_(state.best_weights[name].to(param.device))
+            final = state.best_entry
         metrics = {k: v for k, v in final.items() if k not in {"step", "epoch"}}
-        record = {
-            "task": config.task, "method": spec.name, "meta": meta, "main_metric": main_metric,
-            "trainable_params": trainable, "total_params": total, "train_seconds": round(train_seconds, 2),
-            "steps": step, "kept": {"which": training.keep, **{k: final[k] for k in ("step", "epoch")}},
-            "max_length": max_length, "precision": mixed_precision(training), "notes": notes,
-        }
-        artifacts.save_run(staging, unwrapped, tokenizer, config, record,
-                           {**metrics, "initial": initial, "history": history})
-        if writer:
-            writer.close()
-        adapter_bytes = (staging / artifacts.ADAPTER_WEIGHTS).stat().st_size
+        if staging is not None:
+            record = {
+                "task": config.task, "method": spec.name, "meta": meta, "main_metric": main_metric,
+                "trainable_params": trainable, "total_params": total, "train_seconds": round(train_seconds, 2),
+                "steps": state.step, "kept": {"which": training.keep, **{k: final[k] for k in ("step", "epoch")}},
+                "max_length": max_length, "precision": mixed_precision(training),
+                "num_processes": accelerator.num_processes, "notes": notes,
+            }
+            artifacts.save_run(staging, unwrapped, tokenizer, config, record,
+                               {**metrics, "initial": initial, "history": state.history, "losses": state.losses})
+            if writer:
+                writer.close()
+            adapter_bytes = (staging / artifacts.ADAPTER_WEIGHTS).stat().st_size
+    accelerator.wait_for_everyone()
+    if main_process:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    else:
+        adapter_bytes = 0
 
     return RunResult(output_dir=out, method=spec.name, task=config.task, main_metric=main_metric,
-                     metrics=metrics, initial_metrics=initial, history=history, trainable_params=trainable,
+                     metrics=metrics, initial_metrics=initial, history=state.history, trainable_params=trainable,
                      total_params=total, train_seconds=train_seconds, adapter_bytes=adapter_bytes, notes=notes,
-                     model=unwrapped.eval(), tokenizer=tokenizer)
+                     losses=state.losses, model=unwrapped.eval(), tokenizer=tokenizer)
+
+
+@contextmanager
+def _no_staging():
+    """Processes other than the main one write nothing."""
+    yield None

@@ -1,0 +1,237 @@
+"""Resumable training checkpoints, in safetensors and JSON only (no pickle).
+
+One checkpoint is a directory ``step-00000120/`` under the run's checkpoint directory
+(default ``<output_dir>.checkpoints``)::
+
+    trainable.safetensors   the trainable parameters (never the frozen base)
+    optimizer.safetensors   the optimizer's state tensors (optimizer.json: everything else)
+    best.safetensors        with keep=best: the best weights seen so far
+    rng-<rank>.safetensors  each process's random number generator states (+ rng-<rank>.json)
+    state.json              step, data position, history, scheduler, scaler, the run config
+
+It is written under a temporary name and renamed, so every ``step-*`` directory is complete:
+a kill at any moment, even while saving, leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from peftlab.config import RunConfig
+from peftlab.errors import ConfigError, PeftlabError
+
+PREFIX = "step-"
+# settings that may change between the interrupted run and its resumption
+RESUMABLE_CHANGES = {"training.progress", "training.tensorboard", "training.log_every", "training.eval_batch_size",
+                     "training.checkpoint_every", "training.checkpoint_keep", "training.checkpoint_dir"}
+
+
+class TrainingInterrupted(PeftlabError):
+    """Ctrl-C during training: a checkpoint was saved and the run can be resumed."""
+
+
+def directory_for(config: RunConfig) -> Path:
+    return Path(config.training.checkpoint_dir or f"{config.output_dir}.checkpoints")
+
+
+def saved(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
+
+
+def latest(root: Path) -> Path | None:
+    found = saved(root)
+    return found[-1] if found else None
+
+
+@dataclass
+class TrainingState:
+    """Where the loop is: restored on resume, saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of this process already consumed in ``epoch``
+    seconds: float = 0.0  # training time before this process started
+    tokens: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    losses: list[dict[str, Any]] = field(default_factory=list)  # the loss curve: mean loss per log_every steps
+    unlogged: list[float] = field(default_factory=list)  # step losses since the last entry of ``losses``
+    best_score: float | None = None
+    best_entry: dict[str, Any] | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "best_weights"}
+
+
+# --- tensors <-> files --------------------------------------------------------------------
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, rest = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        rest["state"][str(index)] = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                rest["state"][str(index)][key] = value
+    return _cpu(tensors), rest
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in rest["state"].items()}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    py_version, py_state, py_gauss = random.getstate()
+    rest = {"python": [py_version, list(py_state), py_gauss], "numpy": [kind, int(pos), int(has_gauss), float(gauss)]}
+    return tensors, rest
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py_version, py_state, py_gauss = rest["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    kind, pos, has_gauss, gauss = rest["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=float) + "\n")
+
+
+# --- saving -------------------------------------------------------------------------------
+
+def save(root: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, state: TrainingState,
+         config: RunConfig, keep: int) -> Path:
+    """Write a checkpoint of the current step (every process calls this); returns its directory."""
+    name = f"{PREFIX}{state.step:08d}"
+    tmp = root / f".tmp-{name}"
+    final = root / name
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    try:
+        rng_tensors, rng_rest = _rng_state()
+        save_file(_cpu(rng_tensors), str(tmp / f"rng-{accelerator.process_index}.safetensors"))
+        _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_rest)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+            save_file(_cpu(trainable), str(tmp / "trainable.safetensors"))
+            opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            _write_json(tmp / "optimizer.json", opt_rest)
+            if state.best_weights is not None:
+                save_file(_cpu(state.best_weights), str(tmp / "best.safetensors"))
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            _write_json(tmp / "state.json", {
+                **state.to_json(), "scheduler": scheduler.state_dict(), "scaler": scaler,
+                "num_processes": accelerator.num_processes, "config": config.to_dict(),
+            })
+    except OSError as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise PeftlabError(f"could not write the checkpoint {final}: {error}",
+                           "free disk space or set training.checkpoint_dir; earlier checkpoints are intact") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in saved(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def _differences(saved_config: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(saved_config) | set(current)):
+        path = f"{prefix}{key}"
+        a, b = saved_config.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and path != "method.options":
+            found += _differences(a, b, path + ".")
+        elif a != b and path not in RESUMABLE_CHANGES and path != "output_dir":
+            found.append(f"{path}: {a!r} in the checkpoint, {b!r} now")
+    return found
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise PeftlabError(f"checkpoint file {path} is unreadable: {error}",
+                           f"delete {path.parent} to resume from the checkpoint before it") from None
+
+
+def restore(path: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, config: RunConfig) -> TrainingState:
+    """Load a checkpoint into the prepared model, optimizer and scheduler; returns the loop state."""
+    try:
+        saved_state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PeftlabError(f"checkpoint {path} is unreadable: {error}",
+                           f"delete {path} to resume from the checkpoint before it") from None
+    changed = _differences(saved_state["config"], config.to_dict())
+    if changed:
+        raise ConfigError(f"the config differs from the checkpointed run's: {'; '.join(changed)}",
+                          "resume with the same recipe and overrides, or start over with --overwrite")
+    if saved_state["num_processes"] != accelerator.num_processes:
+        raise ConfigError(f"the checkpoint was made with {saved_state['num_processes']} processes, "
+                          f"this run has {accelerator.num_processes}",
+                          "resume with the same number of processes (the data order depends on it)")
+
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = _load_tensors(path / "trainable.safetensors")
+    expected = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    if set(trainable) != expected:
+        raise PeftlabError(f"checkpoint {path} does not fit this model's trainable parameters",
+                           "resume with the same recipe, or start over with --overwrite")
+    with torch.no_grad():
+        for name, param in unwrapped.named_parameters():
+            if name in trainable:
+                param.copy_(trainable[name].to(param.device))
+    optimizer.load_state_dict(_join_optimizer(_load_tensors(path / "optimizer.safetensors"),
+                                              json.loads((path / "optimizer.json").read_text())))
+    scheduler.load_state_dict(saved_state["scheduler"])
+    if saved_state.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved_state["scaler"])
+    rank = accelerator.process_index
+    _set_rng_state(_load_tensors(path / f"rng-{rank}.safetensors"),
+                   json.loads((path / f"rng-{rank}.json").read_text()))
+
+    fields = {k: saved_state[k] for k in TrainingState.__dataclass_fields__ if k in saved_state}
+    state = TrainingState(**fields)
+    if (path / "best.safetensors").is_file():
+        state.best_weights = _load_tensors(path / "best.safetensors")
+    return state
