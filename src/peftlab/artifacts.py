@@ -177,9 +177,13 @@ def staging_dir(final: Path, overwrite: bool):
 
 
 def save_run(directory: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: RunConfig,
-             record: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Write the adapter, tokenizer, config, record and metrics into ``directory``."""
-    model.save_pretrained(str(directory), safe_serialization=True)
+             record: dict[str, Any], metrics: dict[str, Any],
+             state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter, tokenizer, config, record and metrics into ``directory``.
+
+    ``state_dict``: the trainable weights when they had to be gathered from several processes.
+    """
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_CONFIG)
     record = {**record, "versions": library_versions(),

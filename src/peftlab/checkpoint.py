@@ -129,6 +129,23 @@ def _write_json(path: Path, data: Any) -> None:
 
 # --- saving -------------------------------------------------------------------------------
 
+def trainable_weights(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full trainable weights; every process must call this.
+
+    FSDP and DeepSpeed ZeRO-3 shard parameters across processes: their state dict is
+    gathered (accelerate's ``get_state_dict``), so a saved adapter is never empty or partial.
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    if accelerator.distributed_type in {DistributedType.FSDP, DistributedType.DEEPSPEED}:
+        full = accelerator.get_state_dict(model) or {}
+    else:
+        full = dict(unwrapped.named_parameters())
+    return {name: tensor for name, tensor in full.items() if name in names}
+
+
 def save(root: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, state: TrainingState,
          config: RunConfig, keep: int) -> Path:
     """Write a checkpoint of the current step (every process calls this); returns its directory."""
@@ -140,13 +157,12 @@ def save(root: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
+    trainable = trainable_weights(accelerator, model)
     try:
         rng_tensors, rng_rest = _rng_state()
         save_file(_cpu(rng_tensors), str(tmp / f"rng-{accelerator.process_index}.safetensors"))
         _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_rest)
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
             save_file(_cpu(trainable), str(tmp / "trainable.safetensors"))
             opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

@@ -137,6 +137,11 @@ class TrainingConfig(_Section):
     checkpoint_keep: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
     checkpoint_dir: str | None = Field(None, description="Default: <output_dir>.checkpoints beside the output.")
 
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
     @model_validator(mode="after")
     def _eval_steps(self) -> TrainingConfig:
         if self.eval_strategy == "steps" and not self.eval_steps:

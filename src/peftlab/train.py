@@ -87,8 +87,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+def _trainable_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the (gathered) trainable weights."""
+    return {n: t.detach().to("cpu", copy=True) for n, t in checkpoint.trainable_weights(accelerator, model).items()}
 
 
 class EpochSampler(Sampler[int]):
@@ -152,6 +153,19 @@ def _tensorboard(directory: Path, first_step: int = 0):
     return SummaryWriter(str(directory), purge_step=first_step or None)
 
 
+def _sharded(accelerator: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in {DistributedType.FSDP, DistributedType.DEEPSPEED}
+
+
+def _distributed_cpu() -> bool:
+    """Several processes launched without GPUs: accelerate must be told to use gloo on the CPU."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _resume_point(config: RunConfig, resume: bool, overwrite: bool, main_process: bool) -> Path | None:
     """The checkpoint to resume from, after refusing to silently mix runs."""
     root = checkpoint.directory_for(config)
@@ -184,7 +198,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     out = Path(config.output_dir)
     artifacts.check_output_dir(out, overwrite)
     training = config.training
-    accelerator = Accelerator(mixed_precision=mixed_precision(training),
+    accelerator = Accelerator(mixed_precision=mixed_precision(training), cpu=_distributed_cpu(),
                               gradient_accumulation_steps=training.gradient_accumulation_steps)
     main_process = accelerator.is_main_process
     emit = (on_event if main_process else None) or (lambda kind, data: None)
@@ -197,7 +211,8 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     spec = get_method(config.method.name)
     task.check_model(load_model_config(config.model), config.model.name)
     tokenizer = load_tokenizer(config.model)
-    splits = load_splits(config.data, seed=training.seed)
+    with accelerator.main_process_first():  # the others then reuse the main process's dataset cache
+        splits = load_splits(config.data, seed=training.seed)
     meta = task.inspect(splits, config.data)
     main_metric = training.metric_for_best or task.main_metric(meta)
 
@@ -223,8 +238,9 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     if max_length < config.data.max_length:
         notes.append(f"max_length capped at {max_length} (model positions"
                      + (f" minus {reserved} virtual tokens)" if reserved else ")"))
-    train_set = task.encode(splits["train"], tokenizer, config.data, meta, max_length, "the train split")
-    eval_set = task.encode(splits["eval"], tokenizer, config.data, meta, max_length, "the eval split")
+    with accelerator.main_process_first():
+        train_set = task.encode(splits["train"], tokenizer, config.data, meta, max_length, "the train split")
+        eval_set = task.encode(splits["eval"], tokenizer, config.data, meta, max_length, "the eval split")
     sampler = EpochSampler([len(ids) for ids in train_set["input_ids"]], training.batch_size, training.seed,
                            training.group_by_length)
     # its own generator: starting an epoch must not draw from the global RNG (dropout), or a resumed run diverges
@@ -237,11 +253,19 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     steps_per_epoch = max(1, math.ceil(len(train_loader) / training.gradient_accumulation_steps))
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
     warmup = training.warmup_steps if training.warmup_steps is not None else int(training.warmup_ratio * total_steps)
-    scheduler = accelerator.prepare(get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                                                  num_training_steps=total_steps))
+    # not prepared: accelerate would step it once per process, we step it once per optimizer step
+    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     unwrapped: PeftModel = accelerator.unwrap_model(model)
 
+    checkpoint_every = training.checkpoint_every
+    if _sharded(accelerator):
+        if resume_from is not None:
+            raise ConfigError("--resume works for single-process and DDP runs, not yet under FSDP or DeepSpeed",
+                              "restart the run with --overwrite (docs/training.md)")
+        checkpoint_every = None
+        notes.append("periodic checkpoints are off under FSDP / DeepSpeed (not supported yet)")
     state = TrainingState()
     if resume_from is not None:
         state = checkpoint.restore(resume_from, accelerator, model, optimizer, scheduler, config)
@@ -270,7 +294,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                     writer.add_scalar(f"eval/{key}", value, state.step)
             score = -metrics[main_metric] if main_metric in LOWER_IS_BETTER else metrics[main_metric]
             if training.keep == "best" and (state.best_score is None or score > state.best_score):
-                state.best_score, state.best_weights, state.best_entry = score, _trainable_state(unwrapped), entry
+                state.best_score, state.best_weights, state.best_entry = score, _trainable_state(accelerator, model), entry
             emit("evaluation", entry)
             progress.log_eval(entry, main_metric)
             model.train()
@@ -307,7 +331,8 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                         if accelerator.sync_gradients and training.max_grad_norm:
                             accelerator.clip_grad_norm_(trainable_params, training.max_grad_norm)
                         optimizer.step()
-                        scheduler.step()
+                        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                            scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch[
                         "input_ids"].numel()
@@ -341,7 +366,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                         raise TrainingInterrupted(
                             f"interrupted at step {state.step} of {total_steps}; checkpoint saved in {path}",
                             "continue with the same command plus --resume")
-                    if training.checkpoint_every and state.step % training.checkpoint_every == 0 \
+                    if checkpoint_every and state.step % checkpoint_every == 0 \
                             and state.step < total_steps:
                         save_checkpoint()
                     if state.step >= total_steps:
@@ -354,12 +379,14 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                 run_eval()
 
         final = state.history[-1]
+        weights = checkpoint.trainable_weights(accelerator, model)  # gathered on every process
         if training.keep == "best" and state.best_weights is not None:
-            with torch.no_grad():
-                for name, param in unwrapped.named_parameters():
-                    if name in state.best_weights:
-                        param.copy_(state.best_weights[name].to(param.device))
-            final = state.best_entry
+            final, weights = state.best_entry, state.best_weights
+            if not _sharded(accelerator):  # the in-memory model (RunResult.model) is the kept one too
+                with torch.no_grad():
+                    for name, param in unwrapped.named_parameters():
+                        if name in weights:
+                            param.copy_(weights[name].to(param.device))
         metrics = {k: v for k, v in final.items() if k not in {"step", "epoch"}}
         if staging is not None:
             record = {
@@ -370,7 +397,8 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                 "num_processes": accelerator.num_processes, "notes": notes,
             }
             artifacts.save_run(staging, unwrapped, tokenizer, config, record,
-                               {**metrics, "initial": initial, "history": state.history, "losses": state.losses})
+                               {**metrics, "initial": initial, "history": state.history, "losses": state.losses},
+                               state_dict=weights)
             if writer:
                 writer.close()
             adapter_bytes = (staging / artifacts.ADAPTER_WEIGHTS).stat().st_size
