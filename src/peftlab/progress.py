@@ -52,7 +52,8 @@ class TrainingProgress:
             return
         shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
                           if k not in {"step", "epoch", "samples"} and isinstance(v, float))
-        self._progress.console.print(f"  eval @ step {entry['step']} (epoch {entry['epoch']}): {shown}")
+        self._progress.console.print(f"  eval @ step {entry['step']} (epoch {entry['epoch']}): {shown}",
+                                     soft_wrap=True, highlight=False)
 
 
 def warn(message: str) -> None:

@@ -311,10 +311,10 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
             emit("initial", initial)
 
         model.train()
-        started = time.perf_counter()
+        started, seconds_before = time.perf_counter(), state.seconds
 
-        def elapsed() -> float:
-            return state.seconds + time.perf_counter() - started
+        def elapsed() -> float:  # training time, including the time before a resume
+            return seconds_before + time.perf_counter() - started
 
         evaluated = {entry["step"] for entry in state.history}
         with TrainingProgress(total_steps, enabled=training.progress and main_process, completed=state.step) \
