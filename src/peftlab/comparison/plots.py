@@ -48,20 +48,20 @@ def _bars(summary: Summary, path: Path, panels: list[tuple[str, str]], base_key:
     """Horizontal bars per method, one panel per key; with ``base_key`` the part of each bar
     below that value is grey (for memory: what the process held when the run started)."""
     groups = [g for g in summary.groups if g.ok]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.45 * len(groups) + 1.5), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, (0.4 * len(groups) + 1.3) * len(panels)), squeeze=False)
     labels = [g.label(summary.sweep) for g in groups]
-    for ax, (key, title) in zip(axes[0], panels):
+    for ax, (key, title) in zip(axes[:, 0], panels):
         values = [g.mean(key) or 0 for g in groups]
         base = [min(g.mean(base_key) or 0, v) for g, v in zip(groups, values)] if base_key else [0] * len(groups)
         ax.barh(labels, [v - b for v, b in zip(values, base)], left=base, color=[_color(summary, g) for g in groups])
         if base_key:
-            ax.barh(labels, base, color="#c9ced6", label="held at the run's start")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.barh(labels, base, color="#c9ced6", label="held when the run started")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
         ax.invert_yaxis()
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
         for i, value in enumerate(values):
-            ax.text(value, i, f" {value:,.0f}", va="center", fontsize=8)
+            ax.text(value, i, f" {value:,.0f}" if value >= 100 else f" {value:.1f}", va="center", fontsize=8)
         ax.margins(x=0.25)
     fig.tight_layout()
     return _save(fig, path)

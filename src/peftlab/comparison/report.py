@@ -15,6 +15,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from peftlab.comparison.plan import DEFAULT_LEARNING_RATES
 from peftlab.train import LOWER_IS_BETTER
 
 CSV_FIELDS = ["name", "method", "seed", "learning_rate", "lr_source", "lr_factor", "overrides", "status", "error",
@@ -110,6 +111,10 @@ def _number(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _megabytes(value: float | None) -> str:
+    return human_bytes(None if value is None else value * 1024 ** 2)
+
+
 def _share(value: float | None) -> str:
     if value is None:
         return "-"
@@ -144,7 +149,7 @@ def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
     for g in summary.groups:
         body.append([g.method, f"{g.learning_rate:g}" + (" ★" if g.best_lr else ""), _metric(g),
                      _number(g.mean("trainable_params")), _share(g.mean("trainable_share")),
-                     human_bytes(None if g.mean("peak_memory_mb") is None else g.mean("peak_memory_mb") * 1024 ** 2),
+                     _megabytes(g.mean("peak_memory_mb")),
                      _number(g.mean("samples_per_second"), 1), _number(g.mean("tokens_per_second")),
                      _seconds(g.mean("wall_seconds")),
                      human_bytes(g.mean("adapter_bytes"))])
@@ -152,17 +157,20 @@ def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
 
 
 def notes(summary: Summary) -> list[str]:
-    lines = []
-    sources = sorted({g.lr_source for g in summary.groups})
-    lines.append("learning rates: " + "; ".join(f"{LR_SOURCES[s]} for "
-                                                f"{', '.join(sorted({g.method for g in summary.groups if g.lr_source == s}))}"
-                                                for s in sources))
+    """What the table does not say: where each learning rate came from, overrides, failures."""
+    def methods(source: str) -> str:
+        return ", ".join(dict.fromkeys(g.method for g in summary.groups if g.lr_source == source))
+
+    lines = ["learning rates: " + "; ".join(f"{LR_SOURCES[source]} for {methods(source)}"
+                                            for source in LR_SOURCES if methods(source))]
+    lines.append("peftlab's default learning rates: "
+                 + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items()))
     if summary.sweep:
         lines.append("★ the best learning rate of each method" + (" (lowest)" if summary.lower_is_better else ""))
-    for g in summary.groups:
-        for row in g.rows:
-            if row["status"] != "ok":
-                lines.append(f"{row['name']} failed: {row['error'].splitlines()[0]}")
+    overrides = {g.method: g.rows[0]["overrides"] for g in summary.groups if g.rows[0]["overrides"]}
+    lines += [f"{method} overrides: {', '.join(items)}" for method, items in overrides.items()]
+    lines += [f"{row['name']} failed: {row['error'].splitlines()[0]}"
+              for g in summary.groups for row in g.rows if row["status"] != "ok"]
     return lines
 
 
@@ -199,11 +207,11 @@ def describe_setup(header: dict[str, Any]) -> list[tuple[str, str]]:
             ("seeds", ", ".join(map(str, header["seeds"]))), ("device", header["device"])]
 
 
-def _html_table(headers: list[str], body: list[list[str]], classes: list[str] | None = None) -> str:
+def _html_table(headers: list[str], body: list[list[str]], classes: list[str]) -> str:
+    """A table; ``classes`` gives each body row's CSS class ("best", "failed" or "")."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    rows = "".join(
-        f"<tr class=\"{(classes or [''] * len(body))[i]}\">" + "".join(f"<td>{html.escape(c)}</td>" for c in row)
-        + "</tr>" for i, row in enumerate(body))
+    rows = "".join(f'<tr class="{css}">' + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row, css in zip(body, classes))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
