@@ -142,6 +142,7 @@ def test_a_failing_method_keeps_the_others_and_a_rerun_retries_only_it(base_raw,
     assert all(row["status"] == "ok" for row in again.rows)
     assert lora_adapter.stat().st_mtime_ns == before
     assert again.rows[0] == result.rows[0]
+    assert not (out / rows["prefix"]["error_log"]).exists(), "the retried run's old error log is left"
 
 
 def test_changed_settings_rerun_only_that_method(base_raw, tmp_path, monkeypatch):
@@ -242,6 +243,14 @@ def test_cli_prints_the_table_and_the_report_path(base_raw, tmp_path, monkeypatc
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2 and "error: --seeds" in capsys.readouterr().err
+
+    train_spy(monkeypatch, fail={"ia3": KeyboardInterrupt()})
+    monkeypatch.setattr(sys, "argv", ["peftlab", "compare", str(recipe), "--methods", "lora,ia3", "--seeds", "3",
+                                      "-o", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130
+    assert f"interrupted: finished runs are kept in {out}" in capsys.readouterr().err
 
 
 # --- the report in a browser ------------------------------------------------------------

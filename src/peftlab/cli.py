@@ -217,7 +217,7 @@ def compare(
                      out_dir=out_dir)
     except KeyboardInterrupt:
         err.print(f"interrupted: finished runs are kept in {out_dir} (results.json, report.html); "
-                  "run the same command again to continue")
+                  "run the same command again to continue", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     summary = report.summarize(result.rows)
     headers, body = report.table(summary)

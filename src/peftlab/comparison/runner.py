@@ -88,7 +88,7 @@ def train_one(run: PlannedRun, on_event=None) -> dict[str, Any]:
     with PeakMemory() as peak:
         result = train(run.config, overwrite=True, on_event=recorder)
     wall = time.perf_counter() - started
-    row = {
+    return {
         "status": "ok", "error": None, "task": result.task, "main_metric": result.main_metric,
         "main_value": result.metrics.get(result.main_metric),
         "trainable_params": result.trainable_params, "total_params": result.total_params,
@@ -101,11 +101,14 @@ def train_one(run: PlannedRun, on_event=None) -> dict[str, Any]:
         "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
         "loss_curve": recorder.loss_curve,
     }
-    return row
+
+
+def _error_log(run: PlannedRun, out_dir: Path) -> Path:
+    return out_dir / "runs" / f"{run.name}.error.txt"
 
 
 def _failed_row(run: PlannedRun, error: Exception, out_dir: Path) -> dict[str, Any]:
-    log = out_dir / "runs" / f"{run.name}.error.txt"
+    log = _error_log(run, out_dir)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("".join(traceback.format_exception(error)))
     message = f"{type(error).__name__}: {error}".strip()
@@ -143,13 +146,13 @@ def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[
     header = {"base_config": config.to_dict(), "device": device_name(), "lr_sweep": lr_sweep,
               "seeds": sorted({run.seed for run in runs}), "default_learning_rates": DEFAULT_LEARNING_RATES}
 
-    def save() -> None:
+    def save() -> list[dict[str, Any]]:
         ordered = [rows[run.name] for run in runs if run.name in rows]
         write_json_atomic(out_dir / RESULTS, {**header, "rows": ordered})
+        return ordered
 
     def finish() -> dict[str, Path]:
-        save()
-        ordered = [rows[run.name] for run in runs if run.name in rows]
+        ordered = save()
         return write_reports(out_dir, ordered, header) if ordered else {}
 
     try:
@@ -163,6 +166,7 @@ def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[
                 display.start(run)
                 try:
                     row = train_one(run, display.on_event)
+                    _error_log(run, out_dir).unlink(missing_ok=True)  # from an earlier, failed try
                 except Exception as error:  # noqa: BLE001 - recorded in the row; the comparison goes on
                     row = _failed_row(run, error, out_dir)
                 rows[run.name] = {**_run_fields(run), **row,
