@@ -1,7 +1,8 @@
 """What a comparison measures around ``train()``: peak memory, throughput and the loss curve.
 
 Peak memory is the accelerator's allocated memory where there is one (CUDA), otherwise the
-process's resident memory (RSS), sampled by a background thread while the run trains.
+process's resident memory (RSS), sampled by a background thread; both for the whole run and
+for its training loop (what the technique costs to train, without the model-loading peak).
 Throughput and the loss curve come from the step events ``train()`` emits; time spent in
 evaluations during training is subtracted, so samples/s and tokens/s are training speed.
 """
@@ -17,8 +18,6 @@ from typing import Any
 import psutil
 import torch
 
-MB = 1024 * 1024
-
 
 def release_memory() -> None:
     """Give freed memory back before a run, so one run's peak does not include the last one's."""
@@ -32,20 +31,35 @@ def release_memory() -> None:
 
 
 class PeakMemory:
-    """``with PeakMemory() as peak: ...`` then ``peak.mb``, ``peak.start_mb`` and ``peak.kind``."""
+    """Peak memory of a run, and of its training loop.
+
+    ``with PeakMemory() as peak:`` around the run, ``peak.step()`` at every optimizer step;
+    then ``peak.run_bytes`` (the whole run: loading, training, evaluation, saving),
+    ``peak.train_bytes`` (from the first optimizer step to the last: the training steps and
+    evaluations between them, not loading the model or the final evaluation) and
+    ``peak.start_bytes`` (what was held when the run started).
+    """
 
     def __init__(self, interval: float = 0.02):
         self.kind = "cuda" if torch.cuda.is_available() else "rss"
         self.interval = interval
-        self.peak_bytes = 0
-        self.start_bytes = 0
+        self.start_bytes = self.run_bytes = self.train_bytes = 0
+        self._since_first_step: int | None = None  # RSS peak since the first step (sampled)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process = psutil.Process()
 
+    def _now(self) -> int:
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return self._process.memory_info().rss
+
     def _sample(self) -> None:
         while True:
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+            rss = self._now()
+            self.run_bytes = max(self.run_bytes, rss)
+            if self._since_first_step is not None:
+                self._since_first_step = max(self._since_first_step, rss)
             if self._stop.wait(self.interval):
                 return
 
@@ -54,33 +68,35 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start_bytes = torch.cuda.memory_allocated()
         else:
-            self.start_bytes = self._process.memory_info().rss
+            self.start_bytes = self._now()
             self._thread = threading.Thread(target=self._sample, name="peftlab-peak-memory", daemon=True)
             self._thread.start()
         return self
 
+    def step(self) -> None:
+        """Called after each optimizer step: the training peak so far."""
+        if self._since_first_step is None:  # the first step: measure the training loop from here
+            if self.kind == "cuda":
+                self.run_bytes = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            self._since_first_step = self._now()
+        self.train_bytes = self._now() if self.kind == "cuda" else max(self._since_first_step, self._now())
+
     def __exit__(self, *exc: Any) -> None:
-        if self.kind == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated()
-        else:
+        if self._thread:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-
-    @property
-    def mb(self) -> float:
-        return self.peak_bytes / MB
-
-    @property
-    def start_mb(self) -> float:
-        return self.start_bytes / MB
+        self.run_bytes = max(self.run_bytes, self._now(), self.train_bytes)
+        if not self.train_bytes:  # no optimizer step
+            self.train_bytes = self.run_bytes
 
 
 class StepRecorder:
     """An ``on_event`` hook for ``train()``: keeps the loss curve and training-only time."""
 
-    def __init__(self, forward=None):
+    def __init__(self, forward=None, on_step=None):
         self.forward = forward or (lambda kind, data: None)
+        self.on_step = on_step or (lambda: None)
         self.loss_curve: list[list[float]] = []
         self.steps = 0
         self.tokens = 0
@@ -97,6 +113,7 @@ class StepRecorder:
             self.steps, self.tokens, self.seconds = data["step"], data["tokens"], data["seconds"]
             self.loss_curve.append([data["step"], round(data["loss"], 5)])
             self._last_step_at = now
+            self.on_step()
         elif kind == "evaluation" and self._last_step_at is not None:
             self._pending_eval = now - self._last_step_at  # it ran right after that step
         self.forward(kind, data)

@@ -80,7 +80,8 @@ def loss_curves(summary: Summary, path: Path) -> Path:
         ax.plot(steps, losses, color=_color(summary, g), alpha=0.2, linewidth=0.8)
         ax.plot(steps, smooth, color=_color(summary, g), label=g.label(summary.sweep))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_yscale("log")  # early losses are often 10x the late ones
+    ax.set_ylabel("training loss (log scale)")
     ax.set_title("training loss" + (" (best learning rate per method)" if summary.sweep else "")
                  + (", mean over seeds" if summary.seeds > 1 else ""))
     ax.grid(alpha=0.3)
@@ -92,7 +93,8 @@ def draw_all(summary: Summary, folder: Path) -> dict[str, tuple[Path, str]]:
     """Every figure as ``{name: (png path, caption)}``."""
     folder.mkdir(parents=True, exist_ok=True)
     memory_kind = {row.get("memory_kind") for g in summary.groups for row in g.ok}
-    memory = "peak CUDA memory allocated (MB)" if memory_kind == {"cuda"} else "peak process memory, RSS (MB)"
+    memory = ("peak CUDA memory allocated while training (MB)" if memory_kind == {"cuda"}
+              else "peak process memory while training, RSS (MB)")
     return {
         "metric": (metric_vs_params(summary, folder / "metric_vs_params.png"),
                    f"{summary.main_metric} against trainable parameters"),

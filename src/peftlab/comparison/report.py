@@ -20,7 +20,8 @@ from peftlab.train import LOWER_IS_BETTER
 
 CSV_FIELDS = ["name", "method", "seed", "learning_rate", "lr_source", "lr_factor", "overrides", "status", "error",
               "task", "main_metric", "main_value", "trainable_params", "total_params", "trainable_share",
-              "peak_memory_mb", "memory_at_start_mb", "memory_kind", "samples_per_second", "tokens_per_second", "train_seconds",
+              "peak_memory_mb", "run_peak_memory_mb", "memory_at_start_mb",
+              "memory_kind", "samples_per_second", "tokens_per_second", "train_seconds",
               "wall_seconds", "steps", "train_tokens", "adapter_bytes", "run_dir", "key", "finished_at"]
 LR_SOURCES = {"default": "peftlab's default for the technique", "config": "the config's learning rate",
               "override": "a per-method override"}

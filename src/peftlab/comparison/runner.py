@@ -79,13 +79,17 @@ def _run_fields(run: PlannedRun) -> dict[str, Any]:
             "key": run.key, "run_dir": str(Path("runs") / run.name)}
 
 
+def _mb(n: int) -> float:
+    return round(n / 2 ** 20, 1)
+
+
 def train_one(run: PlannedRun, on_event=None) -> dict[str, Any]:
     """Train one run and measure it; the row (status "ok"), or raises what train() raised."""
     training = run.config.training
-    recorder = StepRecorder(on_event)
     release_memory()
     started = time.perf_counter()
     with PeakMemory() as peak:
+        recorder = StepRecorder(on_event, on_step=peak.step)
         result = train(run.config, overwrite=True, on_event=recorder)
     wall = time.perf_counter() - started
     return {
@@ -93,8 +97,8 @@ def train_one(run: PlannedRun, on_event=None) -> dict[str, Any]:
         "main_value": result.metrics.get(result.main_metric),
         "trainable_params": result.trainable_params, "total_params": result.total_params,
         "trainable_share": result.trainable_share,
-        "peak_memory_mb": round(peak.mb, 1), "memory_at_start_mb": round(peak.start_mb, 1),
-        "memory_kind": peak.kind,
+        "peak_memory_mb": _mb(peak.train_bytes), "run_peak_memory_mb": _mb(peak.run_bytes),
+        "memory_at_start_mb": _mb(peak.start_bytes), "memory_kind": peak.kind,
         **recorder.throughput(training.batch_size * training.gradient_accumulation_steps),
         "train_seconds": round(result.train_seconds, 2), "wall_seconds": round(wall, 2),
         "steps": recorder.steps, "train_tokens": recorder.tokens, "adapter_bytes": result.adapter_bytes,
