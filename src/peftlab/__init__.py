@@ -21,12 +21,13 @@ warnings.filterwarnings("ignore", message=".*introduces a better way to train en
                         category=FutureWarning)
 
 from peftlab.artifacts import LoadedAdapter, load_adapter  # noqa: E402
+from peftlab.comparison import CompareResult, compare  # noqa: E402
 from peftlab.config import RunConfig, build_config, load_config  # noqa: E402
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.inference import evaluate, predict  # noqa: E402
 from peftlab.train import RunResult, train  # noqa: E402
 
-__all__ = ["LoadedAdapter", "PeftlabError", "RunConfig", "RunResult", "build_config", "evaluate",
+__all__ = ["CompareResult", "LoadedAdapter", "PeftlabError", "RunConfig", "RunResult", "build_config", "compare", "evaluate",
            "load_adapter", "load_config", "predict", "train", "recipe_path"]
 
 

@@ -220,6 +220,51 @@ def tasks() -> None:
     out.print(f"built-in datasets: {', '.join(BUILTIN_DATASETS)}")
 
 
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="A YAML recipe: the model, data and step budget every run shares.")],
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated techniques (default: every one that fits "
+                                                        "the task), e.g. lora,ia3,prefix.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, one run each (mean and spread), "
+                                                      "e.g. 0,1,2. Default: the config's seed.")] = None,
+    set_: SetOpt = None,
+    set_method: Annotated[Optional[list[str]], typer.Option(
+        "--set-method", help="Override a key for one method: METHOD:section.key=value (repeatable; METHOD * = "
+                             "every method), e.g. prefix:training.learning_rate=1e-2.")] = None,
+    lr_sweep: Annotated[int, typer.Option(help="Learning rates per method around its base rate: 3 = x0.3, x1, "
+                                               "x3; the best is marked.")] = 1,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="The comparison folder; finished runs in it are "
+                                                             "kept and skipped.")] = Path("runs/compare"),
+) -> None:
+    """Train several techniques on the same model, data, budget and seeds; compare metrics, size, memory, speed."""
+    from peftlab import compare as run
+    from peftlab import load_config
+    from peftlab.comparison import plan, report
+
+    base = load_config(config, list(set_ or []))
+    try:
+        result = run(base, methods=plan.parse_list(methods, "--methods"), seeds=plan.parse_seeds(seeds),
+                     method_overrides=plan.parse_method_overrides(list(set_method or [])), lr_sweep=lr_sweep,
+                     out_dir=out_dir)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished runs are kept in {out_dir} (results.json, report.html); "
+                  "run the same command again to continue", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    summary = report.summarize(result.rows)
+    headers, body = report.table(summary)
+    table = Table(title=f"peftlab compare: {base.model.name}, {base.task}", title_justify="left")
+    for header in headers:
+        table.add_column(header, justify="left" if header in {"method", "learning rate"} else "right")
+    for row in body:
+        table.add_row(*row)
+    (out if out.is_terminal else Console(width=150)).print(table)  # a log or a pipe: room for every column
+    for note in report.notes(summary):
+        out.print(f"[dim]{note}[/dim]", highlight=False, soft_wrap=True)
+    out.print(f"report: {result.report}  (also results.json, results.csv, results.md in {out_dir})", soft_wrap=True)
+    if result.failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: user errors become one readable message and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

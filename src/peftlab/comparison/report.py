@@ -1,0 +1,255 @@
+"""A comparison's outputs: ``results.csv`` (one row per run), the summary table (one row per
+method and learning rate, mean and spread over seeds) as Markdown and in a self-contained
+HTML report with its figures (also saved as PNG files under ``figures/``)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from peftlab.comparison.plan import DEFAULT_LEARNING_RATES
+from peftlab.train import LOWER_IS_BETTER
+
+CSV_FIELDS = ["name", "method", "seed", "learning_rate", "lr_source", "lr_factor", "overrides", "status", "error",
+              "task", "main_metric", "main_value", "trainable_params", "total_params", "trainable_share",
+              "peak_memory_mb", "run_peak_memory_mb", "memory_at_start_mb",
+              "memory_kind", "samples_per_second", "tokens_per_second", "train_seconds",
+              "wall_seconds", "steps", "train_tokens", "adapter_bytes", "run_dir", "key", "finished_at"]
+LR_SOURCES = {"default": "peftlab's default for the technique", "config": "the config's learning rate",
+              "override": "a per-method override"}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+@dataclass
+class Group:
+    """The runs of one method at one learning rate (one per seed)."""
+
+    method: str
+    learning_rate: float
+    lr_source: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best_lr: bool = False  # the best learning rate of its method (with a sweep)
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row["status"] == "ok"]
+
+    def mean(self, key: str) -> float | None:
+        return _mean([row.get(key) for row in self.ok])
+
+    @property
+    def spread(self) -> float | None:
+        """Sample standard deviation of the main metric over seeds (None with fewer than 2)."""
+        values = [row["main_value"] for row in self.ok if row.get("main_value") is not None]
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    def label(self, with_lr: bool) -> str:
+        return f"{self.method} lr {self.learning_rate:g}" if with_lr else self.method
+
+    def loss_curve(self) -> list[tuple[int, float]]:
+        """The loss per step, averaged over seeds."""
+        by_step: dict[int, list[float]] = {}
+        for row in self.ok:
+            for step, loss in row.get("loss_curve") or []:
+                by_step.setdefault(step, []).append(loss)
+        return [(step, statistics.fmean(losses)) for step, losses in sorted(by_step.items())]
+
+
+@dataclass
+class Summary:
+    groups: list[Group]
+    main_metric: str | None
+    sweep: bool  # several learning rates per method
+    seeds: int
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.main_metric in LOWER_IS_BETTER
+
+
+def summarize(rows: list[dict[str, Any]]) -> Summary:
+    groups: dict[tuple, Group] = {}
+    for row in rows:
+        key = (row["method"], row["learning_rate"])
+        groups.setdefault(key, Group(row["method"], row["learning_rate"], row["lr_source"])).rows.append(row)
+    metric = next((row["main_metric"] for row in rows if row["status"] == "ok"), None)
+    summary = Summary(list(groups.values()), metric, sweep=len(groups) > len({g.method for g in groups.values()}),
+                      seeds=max((len(g.rows) for g in groups.values()), default=0))
+    if summary.sweep:
+        sign = -1 if summary.lower_is_better else 1
+        for method in {g.method for g in summary.groups}:
+            scored = [g for g in summary.groups if g.method == method and g.mean("main_value") is not None]
+            if scored:
+                max(scored, key=lambda g: sign * g.mean("main_value")).best_lr = True
+    return summary
+
+
+# --- formatting -------------------------------------------------------------------------
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _megabytes(value: float | None) -> str:
+    return human_bytes(None if value is None else value * 1024 ** 2)
+
+
+def _share(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.3g}%" if value < 0.995 else f"{100 * value:.0f}%"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s" if value < 10 else f"{value:,.0f} s"
+
+
+def _metric(group: Group) -> str:
+    mean = group.mean("main_value")
+    if mean is None:
+        return "failed"
+    text = f"{mean:.4f}"
+    if group.spread is not None:
+        text += f" ± {group.spread:.4f}"
+    if len(group.rows) > 1:
+        text += f" (n={len(group.ok)}" + (f", {len(group.rows) - len(group.ok)} failed)" if
+                                           len(group.ok) < len(group.rows) else ")")
+    return text
+
+
+def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """The summary table as headers and rows of text (Markdown, HTML and the terminal share it)."""
+    memory = {row.get("memory_kind") for g in summary.groups for row in g.ok}
+    headers = ["method", "learning rate", (summary.main_metric or "metric") + (" (mean ± sd)" if summary.seeds > 1
+                                                                             else ""),
+               "trainable params", "share", "peak memory" + (" (CUDA)" if memory == {"cuda"} else " (RSS)"),
+               "samples/s", "tokens/s", "wall time", "adapter"]
+    body = []
+    for g in summary.groups:
+        body.append([g.method, f"{g.learning_rate:g}" + (" ★" if g.best_lr else ""), _metric(g),
+                     _number(g.mean("trainable_params")), _share(g.mean("trainable_share")),
+                     _megabytes(g.mean("peak_memory_mb")),
+                     _number(g.mean("samples_per_second"), 1), _number(g.mean("tokens_per_second")),
+                     _seconds(g.mean("wall_seconds")),
+                     human_bytes(g.mean("adapter_bytes"))])
+    return headers, body
+
+
+def notes(summary: Summary) -> list[str]:
+    """What the table does not say: where each learning rate came from, overrides, failures."""
+    def methods(source: str) -> str:
+        return ", ".join(dict.fromkeys(g.method for g in summary.groups if g.lr_source == source))
+
+    lines = ["learning rates: " + "; ".join(f"{LR_SOURCES[source]} for {methods(source)}"
+                                            for source in LR_SOURCES if methods(source))]
+    lines.append("peftlab's default learning rates: "
+                 + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items()))
+    if summary.sweep:
+        lines.append("★ the best learning rate of each method" + (" (lowest)" if summary.lower_is_better else ""))
+    overrides = {g.method: g.rows[0]["overrides"] for g in summary.groups if g.rows[0]["overrides"]}
+    lines += [f"{method} overrides: {', '.join(items)}" for method, items in overrides.items()]
+    lines += [f"{row['name']} failed: {row['error'].splitlines()[0]}"
+              for g in summary.groups for row in g.rows if row["status"] != "ok"]
+    return lines
+
+
+def markdown(summary: Summary) -> str:
+    headers, body = table(summary)
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in body]
+    return "\n".join(lines) + "\n\n" + "".join(f"- {note}\n" for note in notes(summary))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    metrics = sorted({k for row in rows for k in row.get("metrics") or {}})
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_FIELDS + [f"metric_{m}" for m in metrics])
+        for row in rows:
+            cells = ["; ".join(row[k]) if k == "overrides" else row.get(k) for k in CSV_FIELDS]
+            writer.writerow(["" if c is None else c for c in cells]
+                            + [(row.get("metrics") or {}).get(m, "") for m in metrics])
+
+
+# --- the HTML report --------------------------------------------------------------------
+
+def describe_setup(header: dict[str, Any]) -> list[tuple[str, str]]:
+    config = header["base_config"]
+    data, training = config["data"], config["training"]
+    source = data.get("builtin") or data.get("dataset") or data.get("train_file")
+    budget = (f"{training['max_steps']} steps" if training.get("max_steps") else f"{training['epochs']:g} epochs")
+    return [("model", config["model"]["name"]), ("task", config["task"]), ("data", str(source)),
+            ("budget", f"{budget} of batch {training['batch_size']}"
+                       + (f" x {training['gradient_accumulation_steps']}" if training["gradient_accumulation_steps"] > 1
+                          else "") + f", max_length {data['max_length']}"),
+            ("seeds", ", ".join(map(str, header["seeds"]))), ("device", header["device"])]
+
+
+def _html_table(headers: list[str], body: list[list[str]], classes: list[str]) -> str:
+    """A table; ``classes`` gives each body row's CSS class ("best", "failed" or "")."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    rows = "".join(f'<tr class="{css}">' + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row, css in zip(body, classes))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _runs_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["run", "seed", "learning rate", "status", "main metric", "steps", "train time", "overrides / error"]
+    body = [[row["name"], str(row["seed"]), f"{row['learning_rate']:g}", row["status"],
+             "-" if row.get("main_value") is None else f"{row['main_metric']} {row['main_value']:.4f}",
+             _number(row.get("steps")), _seconds(row.get("train_seconds")),
+             row.get("error") or "; ".join(row["overrides"])] for row in rows]
+    return _html_table(headers, body, ["failed" if row["status"] != "ok" else "" for row in rows])
+
+
+def write_reports(out_dir: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> dict[str, Path]:
+    """results.csv, results.md, figures/*.png and report.html; returns their paths."""
+    from peftlab.comparison import plots
+
+    summary = summarize(rows)
+    files = {"csv": out_dir / "results.csv", "markdown": out_dir / "results.md", "html": out_dir / "report.html"}
+    write_csv(files["csv"], rows)
+    setup = describe_setup(header)
+    files["markdown"].write_text("# peftlab comparison\n\n" + "".join(f"- {k}: {v}\n" for k, v in setup) + "\n"
+                                 + markdown(summary))
+    figures = plots.draw_all(summary, out_dir / "figures")
+    files.update({f"figure_{name}": path for name, (path, _) in figures.items()})
+    headers, body = table(summary)
+    page = Template(resources.files("peftlab.comparison").joinpath("report.html").read_text()).substitute(
+        title=html.escape(f"peftlab comparison: {header['base_config']['model']['name']}, "
+                          f"{header['base_config']['task']}"),
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        setup="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in setup),
+        summary=_html_table(headers, body, ["best" if g.best_lr else "" for g in summary.groups]),
+        notes="".join(f"<li>{html.escape(n)}</li>" for n in notes(summary)),
+        figures="".join(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+                        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(caption)}'
+                        f"</figcaption></figure>" for path, caption in figures.values()),
+        runs=_runs_table(rows),
+    )
+    files["html"].write_text(page)
+    return files
+

@@ -1,0 +1,189 @@
+"""Running a comparison: each planned run through the normal ``train()``, one row per run.
+
+A row is written to ``OUT/results.json`` as soon as its run ends (temp file, then rename),
+so finished runs survive a later failure or Ctrl-C. A failing run records its error in its
+row (the traceback beside its folder) and the comparison goes on. Re-running into the same
+folder skips runs whose row is finished with the same settings and whose adapter is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab import artifacts
+from peftlab.comparison.display import CompareProgress
+from peftlab.comparison.measure import PeakMemory, StepRecorder, release_memory
+from peftlab.comparison.plan import DEFAULT_LEARNING_RATES, PlannedRun, plan_runs
+from peftlab.config import RunConfig
+from peftlab.train import train
+
+RESULTS = "results.json"
+
+
+@dataclass
+class CompareResult:
+    """What ``compare()`` produced: one row per run (plan order) and the report files."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    ran: list[str]  # names of the runs trained by this call
+    skipped: list[str]  # finished earlier, kept
+    files: dict[str, Path]  # results.json, results.csv, results.md, report.html
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row["status"] != "ok"]
+
+    @property
+    def report(self) -> Path:
+        return self.files["html"]
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Rows of an earlier comparison in this folder, by run name (none if unreadable)."""
+    try:
+        return {row["name"]: row for row in json.loads((out_dir / RESULTS).read_text())["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def is_finished(row: dict[str, Any] | None, run: PlannedRun) -> bool:
+    return (row is not None and row.get("status") == "ok" and row.get("key") == run.key
+            and (Path(run.config.output_dir) / artifacts.ADAPTER_WEIGHTS).is_file())
+
+
+def _run_fields(run: PlannedRun) -> dict[str, Any]:
+    return {"name": run.name, "method": run.method, "seed": run.seed, "learning_rate": run.learning_rate,
+            "lr_source": run.lr_source, "lr_factor": run.lr_factor, "overrides": list(run.overrides),
+            "key": run.key, "run_dir": str(Path("runs") / run.name)}
+
+
+def _mb(n: int) -> float:
+    return round(n / 2 ** 20, 1)
+
+
+def train_one(run: PlannedRun, on_event=None) -> dict[str, Any]:
+    """Train one run and measure it; the row (status "ok"), or raises what train() raised."""
+    training = run.config.training
+    release_memory()
+    started = time.perf_counter()
+    with PeakMemory() as peak:
+        recorder = StepRecorder(on_event, on_step=peak.step)
+        result = train(run.config, overwrite=True, on_event=recorder)
+    wall = time.perf_counter() - started
+    return {
+        "status": "ok", "error": None, "task": result.task, "main_metric": result.main_metric,
+        "main_value": result.metrics.get(result.main_metric),
+        "trainable_params": result.trainable_params, "total_params": result.total_params,
+        "trainable_share": result.trainable_share,
+        "peak_memory_mb": _mb(peak.train_bytes), "run_peak_memory_mb": _mb(peak.run_bytes),
+        "memory_at_start_mb": _mb(peak.start_bytes), "memory_kind": peak.kind,
+        **recorder.throughput(training.batch_size * training.gradient_accumulation_steps),
+        "train_seconds": round(result.train_seconds, 2), "wall_seconds": round(wall, 2),
+        "steps": recorder.steps, "train_tokens": recorder.tokens, "adapter_bytes": result.adapter_bytes,
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        "loss_curve": recorder.loss_curve,
+    }
+
+
+def _error_log(run: PlannedRun, out_dir: Path) -> Path:
+    return out_dir / "runs" / f"{run.name}.error.txt"
+
+
+def _failed_row(run: PlannedRun, error: Exception, out_dir: Path) -> dict[str, Any]:
+    log = _error_log(run, out_dir)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(traceback.format_exception(error)))
+    message = f"{type(error).__name__}: {error}".strip()
+    return {"status": "failed", "error": message[:1000], "error_log": str(log.relative_to(out_dir))}
+
+
+def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[int] | None = None,
+            method_overrides: dict[str, list[str]] | None = None, lr_sweep: int = 1,
+            out_dir: str | Path = "runs/compare", progress: bool = True) -> CompareResult:
+    """Train each technique under the same model, data, step budget and seeds; report them side by side.
+
+    Args:
+        config: the base run config (model, data, task, training budget).
+        methods: technique names; default: every registered technique that supports the task.
+        seeds: one run per seed (mean and spread in the report); default: the config's seed.
+        method_overrides: dotted ``key=value`` overrides per method name (``"*"``: every method),
+            e.g. ``{"prefix": ["training.learning_rate=1e-2"]}``.
+        lr_sweep: learning rates per method, on the 1-3-10 ladder around its base rate
+            (3 -> x0.3, x1, x3).
+        out_dir: the comparison folder: ``runs/<run>/`` adapters, ``results.json`` / ``.csv`` /
+            ``.md``, ``report.html``. Finished runs already in it are kept, not retrained.
+        progress: show the progress display (stderr).
+
+    Returns:
+        a :class:`CompareResult`; runs that failed have ``status: "failed"`` and ``error``.
+    """
+    from peftlab.comparison.report import write_reports
+
+    out_dir = Path(out_dir)
+    runs = plan_runs(config, out_dir, methods, seeds, method_overrides, lr_sweep)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = load_rows(out_dir)
+    rows: dict[str, dict[str, Any]] = {}
+    ran, skipped = [], []
+    header = {"base_config": config.to_dict(), "device": device_name(), "lr_sweep": lr_sweep,
+              "seeds": sorted({run.seed for run in runs}), "default_learning_rates": DEFAULT_LEARNING_RATES}
+
+    def save() -> list[dict[str, Any]]:
+        ordered = [rows[run.name] for run in runs if run.name in rows]
+        write_json_atomic(out_dir / RESULTS, {**header, "rows": ordered})
+        return ordered
+
+    def finish() -> dict[str, Path]:
+        ordered = save()
+        return write_reports(out_dir, ordered, header) if ordered else {}
+
+    try:
+        with CompareProgress(runs, enabled=progress) as display:
+            for run in runs:
+                if is_finished(earlier.get(run.name), run):
+                    rows[run.name] = earlier[run.name]
+                    skipped.append(run.name)
+                    display.skipped(run, rows[run.name])
+                    continue
+                display.start(run)
+                try:
+                    row = train_one(run, display.on_event)
+                    _error_log(run, out_dir).unlink(missing_ok=True)  # from an earlier, failed try
+                except Exception as error:  # noqa: BLE001 - recorded in the row; the comparison goes on
+                    row = _failed_row(run, error, out_dir)
+                rows[run.name] = {**_run_fields(run), **row,
+                                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                ran.append(run.name)
+                save()
+                display.finish(run, rows[run.name])
+    except BaseException:  # Ctrl-C or a bug: keep what finished, in every output file
+        try:
+            finish()
+        except Exception:  # noqa: BLE001 - never hide the original exception
+            pass
+        raise
+    files = finish()
+    return CompareResult(out_dir=out_dir, rows=[rows[run.name] for run in runs], ran=ran, skipped=skipped,
+                         files={"json": out_dir / RESULTS, **files})

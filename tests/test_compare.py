@@ -1,0 +1,283 @@
+"""peftlab compare: every technique on one model / data / budget, rows kept across failures,
+interrupts and re-runs, and a report that renders (headless Chromium)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab import build_config, cli, compare
+from peftlab.comparison import DEFAULT_LEARNING_RATES, parse_method_overrides, runner
+from peftlab.comparison.plan import plan_runs, sweep_factors
+from peftlab.errors import ConfigError, MethodError
+from peftlab.methods import METHODS
+from peftlab.train import train
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def base_raw(tiny_models, keyword_data) -> dict:
+    """A tiny seq-cls config; no learning rate, so every technique gets its default."""
+    return {
+        "model": {"name": str(tiny_models["bert"])},
+        "task": "seq-cls",
+        "data": {"train_file": str(keyword_data["train"]), "validation_file": str(keyword_data["validation"]),
+                 "max_length": 32},
+        "training": {"max_steps": STEPS, "batch_size": 16, "eval_strategy": "no", "seed": 0},
+    }
+
+
+@pytest.fixture(scope="module")
+def all_methods(base_raw, tmp_path_factory):
+    """Every technique, two seeds: the comparison most tests read."""
+    out = tmp_path_factory.mktemp("compare") / "all"
+    return compare(build_config(base_raw), seeds=[0, 1], out_dir=out, progress=False)
+
+
+def train_spy(monkeypatch, fail: dict[str, BaseException] | None = None) -> list[str]:
+    """Record which methods train() is called for; raise ``fail[method]`` for some."""
+    calls = []
+
+    def spy(config, **kwargs):
+        calls.append(config.method.name)
+        if fail and config.method.name in fail:
+            raise fail[config.method.name]
+        return train(config, **kwargs)
+
+    monkeypatch.setattr(runner, "train", spy)
+    return calls
+
+
+# --- the rows ---------------------------------------------------------------------------
+
+def test_every_technique_and_seed_has_a_row_with_sane_values(all_methods):
+    result = all_methods
+    assert [row["name"] for row in result.rows] == [f"{m}-seed{s}" for m in METHODS for s in (0, 1)]
+    assert result.ran == [row["name"] for row in result.rows] and not result.skipped and not result.failed
+    for row in result.rows:
+        assert row["status"] == "ok" and row["error"] is None
+        assert row["main_metric"] == "accuracy" and 0 <= row["main_value"] <= 1
+        assert row["metrics"]["accuracy"] == row["main_value"] and "f1" in row["metrics"]
+        assert 0 < row["trainable_params"] < row["total_params"]
+        assert row["trainable_share"] == pytest.approx(row["trainable_params"] / row["total_params"])
+        assert row["learning_rate"] == DEFAULT_LEARNING_RATES[row["method"]] and row["lr_source"] == "default"
+        # adapter size is the file's size; the run folder is a standard adapter directory
+        run_dir = result.out_dir / row["run_dir"]
+        assert row["adapter_bytes"] == (run_dir / "adapter_model.safetensors").stat().st_size
+        saved = yaml.safe_load((run_dir / "peftlab.yaml").read_text())
+        assert saved["method"]["name"] == row["method"] and saved["training"]["seed"] == row["seed"]
+        assert saved["training"]["max_steps"] == STEPS
+        # measured around train(): memory, throughput, curve
+        assert row["memory_kind"] == "rss"
+        assert row["run_peak_memory_mb"] >= row["peak_memory_mb"] >= row["memory_at_start_mb"] > 50
+        assert row["steps"] == STEPS and [step for step, _ in row["loss_curve"]] == list(range(1, STEPS + 1))
+        assert all(math.isfinite(loss) and loss > 0 for _, loss in row["loss_curve"])
+        assert row["tokens_per_second"] > row["samples_per_second"] > 0
+        assert row["train_tokens"] >= STEPS * 16 * 3  # every keyword text has at least 4 words
+        assert row["wall_seconds"] >= row["train_seconds"] > 0
+
+
+def test_lora_trains_a_small_share_and_prompt_techniques_add_tokens(all_methods):
+    rows = {row["name"]: row for row in all_methods.rows}
+    lora, ptuning_v2 = rows["lora-seed0"], rows["ptuning-v2-seed0"]
+    # full fine-tuning would train total_params (100%); LoRA trains a fraction of it
+    assert lora["trainable_share"] < 0.2 and lora["trainable_params"] < lora["total_params"]
+    # same architecture, same base: the total differs only by each technique's added weights
+    assert lora["total_params"] - lora["trainable_params"] == ptuning_v2["total_params"] - ptuning_v2["trainable_params"]
+    assert rows["lora-seed0"]["loss_curve"] != rows["lora-seed1"]["loss_curve"], "seeds must change the run"
+
+
+def test_outputs_json_csv_markdown(all_methods):
+    out = all_methods.out_dir
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == all_methods.rows and saved["seeds"] == [0, 1]
+    with (out / "results.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["name"] for r in table] == [row["name"] for row in all_methods.rows]
+    assert float(table[0]["metric_accuracy"]) == all_methods.rows[0]["main_value"]
+    assert int(table[0]["adapter_bytes"]) == all_methods.rows[0]["adapter_bytes"]
+    markdown = (out / "results.md").read_text()
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + len(METHODS)  # header + one line per method (seeds averaged)
+    lora = next(line for line in lines if line.startswith("| lora |"))
+    mean = (all_methods.rows[0]["main_value"] + all_methods.rows[1]["main_value"]) / 2
+    assert f"{mean:.4f} ± " in lora and "(n=2)" in lora
+    for figure in ("metric_vs_params", "memory", "throughput", "loss_curves"):
+        assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+# --- failures, interrupts, re-runs ------------------------------------------------------
+
+def test_a_failing_method_keeps_the_others_and_a_rerun_retries_only_it(base_raw, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    calls = train_spy(monkeypatch, fail={"prefix": RuntimeError("injected failure")})
+    result = compare(build_config(base_raw), methods=["lora", "prefix", "prompt"], out_dir=out, progress=False)
+    assert calls == ["lora", "prefix", "prompt"]
+    rows = {row["method"]: row for row in result.rows}
+    assert rows["lora"]["status"] == rows["prompt"]["status"] == "ok"
+    assert rows["prefix"]["status"] == "failed" and rows["prefix"]["error"] == "RuntimeError: injected failure"
+    assert "injected failure" in (out / rows["prefix"]["error_log"]).read_text()
+    assert [row["name"] for row in result.failed] == ["prefix-seed0"]
+    assert "prefix-seed0 failed: RuntimeError: injected failure" in (out / "results.md").read_text()
+    assert 'class="failed"' in (out / "report.html").read_text()
+
+    lora_adapter = out / "runs" / "lora-seed0" / "adapter_model.safetensors"
+    before = lora_adapter.stat().st_mtime_ns
+    calls = train_spy(monkeypatch)
+    again = compare(build_config(base_raw), methods=["lora", "prefix", "prompt"], out_dir=out, progress=False)
+    assert calls == ["prefix"], "finished runs must be skipped, the failed one retried"
+    assert again.skipped == ["lora-seed0", "prompt-seed0"] and again.ran == ["prefix-seed0"]
+    assert all(row["status"] == "ok" for row in again.rows)
+    assert lora_adapter.stat().st_mtime_ns == before
+    assert again.rows[0] == result.rows[0]
+    assert not (out / rows["prefix"]["error_log"]).exists(), "the retried run's old error log is left"
+
+
+def test_changed_settings_rerun_only_that_method(base_raw, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    config = build_config(base_raw)
+    first = compare(config, methods=["lora", "ia3"], out_dir=out, progress=False)
+    calls = train_spy(monkeypatch)
+    result = compare(config, methods=["lora", "ia3"], out_dir=out, progress=False,
+                     method_overrides=parse_method_overrides(["lora:method.options.r=2"]))
+    assert calls == ["lora"] and result.skipped == ["ia3-seed0"]
+    assert result.rows[0]["overrides"] == ["method.options.r=2"] and result.rows[0]["trainable_params"] < first.rows[0]["trainable_params"]
+
+
+def test_interrupt_keeps_finished_rows_and_the_next_call_continues(base_raw, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    train_spy(monkeypatch, fail={"ia3": KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        compare(build_config(base_raw), methods=["lora", "ia3", "prompt"], out_dir=out, progress=False)
+    saved = json.loads((out / "results.json").read_text())
+    assert [row["name"] for row in saved["rows"]] == ["lora-seed0"]
+    assert "lora" in (out / "results.md").read_text() and (out / "report.html").is_file()
+    assert not (out / "runs" / "ia3-seed0").exists()
+
+    calls = train_spy(monkeypatch)
+    result = compare(build_config(base_raw), methods=["lora", "ia3", "prompt"], out_dir=out, progress=False)
+    assert calls == ["ia3", "prompt"] and result.skipped == ["lora-seed0"]
+
+
+# --- the plan: learning rates, sweeps, overrides ----------------------------------------
+
+def test_learning_rates_overrides_and_sweep(base_raw, tmp_path):
+    raw = {**base_raw, "method": {"name": "lora", "options": {"r": 4}},
+           "training": {**base_raw["training"], "learning_rate": 5e-4}}
+    overrides = parse_method_overrides(["prefix:training.learning_rate=0.02", "*:training.batch_size=8",
+                                        "prompt:training.batch_size=4"])
+    runs = plan_runs(build_config(raw), tmp_path, ["lora", "prefix", "prompt", "ia3"], [1, 2], overrides, lr_sweep=3)
+    by = {(r.method, r.seed, r.lr_factor): r for r in runs}
+    assert len(runs) == 4 * 3 * 2 and sweep_factors(3) == [0.3, 1, 3]
+    lora = by["lora", 1, 1]
+    assert (lora.learning_rate, lora.lr_source) == (5e-4, "config")  # the config's lr is for its own method
+    assert lora.config.method.options == {"r": 4} and by["ia3", 1, 1].config.method.options == {}
+    assert (by["prefix", 2, 3].learning_rate, by["prefix", 2, 3].lr_source) == (0.06, "override")
+    assert by["ia3", 1, 0.3].learning_rate == pytest.approx(DEFAULT_LEARNING_RATES["ia3"] * 0.3)
+    assert by["ia3", 1, 1].lr_source == "default"
+    assert by["lora", 1, 1].config.training.batch_size == 8 and by["prompt", 1, 1].config.training.batch_size == 4
+    assert by["prefix", 2, 0.3].name == "prefix-seed2-lr0.006"
+    assert by["prefix", 2, 0.3].config.output_dir == str(tmp_path / "runs" / "prefix-seed2-lr0.006")
+    assert by["prefix", 2, 0.3].config.training.seed == 2
+    assert len({r.key for r in runs}) == len(runs) and by["lora", 1, 1].key != by["lora", 2, 1].key
+    assert sweep_factors(1) == [1] and sweep_factors(5) == [0.1, 0.3, 1, 3, 10]
+
+
+def test_lr_sweep_marks_the_best_rate(base_raw, tmp_path):
+    result = compare(build_config(base_raw), methods=["ia3"], lr_sweep=3, out_dir=tmp_path / "cmp", progress=False)
+    assert [row["name"] for row in result.rows] == ["ia3-seed0-lr0.0024", "ia3-seed0-lr0.008", "ia3-seed0-lr0.024"]
+    best = max(result.rows, key=lambda row: row["main_value"])
+    marked = [line for line in (tmp_path / "cmp" / "results.md").read_text().splitlines() if "★ |" in line]
+    assert len(marked) == 1 and f"| {best['learning_rate']:g} ★ |" in marked[0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["prefx:training.learning_rate=1"], 'unknown method "prefx" (did you mean "prefix"?)'),
+    (["prefix-training.learning_rate=1"], "is not METHOD:key=value"),
+])
+def test_bad_method_overrides(bad, message):
+    with pytest.raises((ConfigError, MethodError), match=re.escape(message)):
+        parse_method_overrides(bad)
+
+
+def test_bad_override_values_fail_before_any_training(base_raw, tmp_path, monkeypatch):
+    calls = train_spy(monkeypatch)
+    with pytest.raises(ConfigError, match="^prompt: invalid config:.*batch_size"):
+        compare(build_config(base_raw), methods=["lora", "prompt"], out_dir=tmp_path / "cmp", progress=False,
+                method_overrides=parse_method_overrides(["prompt:training.batch_size=0"]))
+    with pytest.raises(MethodError, match='unknown method "full"'):
+        compare(build_config(base_raw), methods=["full"], out_dir=tmp_path / "cmp", progress=False)
+    assert calls == [] and not (tmp_path / "cmp").exists()
+
+
+# --- the command line -------------------------------------------------------------------
+
+def test_cli_prints_the_table_and_the_report_path(base_raw, tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(base_raw))
+    out = tmp_path / "cmp"
+    monkeypatch.setattr(sys, "argv", ["peftlab", "compare", str(recipe), "--methods", "lora,ptuning", "--seeds", "3",
+                                      "--set-method", "ptuning:training.learning_rate=0.005", "-o", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    assert "done lora-seed3" in captured.err and "done ptuning-seed3" in captured.err  # the progress display
+    table = [line for line in captured.out.splitlines() if line.startswith("│")]
+    assert table[0].split("│")[1].strip() == "lora" and table[1].split("│")[2].strip() == "0.005"
+    assert f"report: {out / 'report.html'}" in captured.out
+
+    monkeypatch.setattr(sys, "argv", ["peftlab", "compare", str(recipe), "--seeds", "1,x", "-o", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and "error: --seeds" in capsys.readouterr().err
+
+    train_spy(monkeypatch, fail={"ia3": KeyboardInterrupt()})
+    monkeypatch.setattr(sys, "argv", ["peftlab", "compare", str(recipe), "--methods", "lora,ia3", "--seeds", "3",
+                                      "-o", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130
+    assert f"interrupted: finished runs are kept in {out}" in capsys.readouterr().err
+
+
+# --- the report in a browser ------------------------------------------------------------
+
+def _chromium() -> str | None:
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not found (Debian: apt-get install chromium; "
+                                                "scripts/setup.sh --dev installs it)")
+def test_report_renders_table_and_figures_in_headless_chromium(all_methods, tmp_path):
+    from PIL import Image
+
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2200",
+                    "--hide-scrollbars", all_methods.report.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 2200)
+    colors = image.getcolors(maxcolors=1 << 20)
+    counts = {rgb: n for n, rgb in colors}
+    # the summary table's header row (#f3f5f8) and the figures: matplotlib's tab10 colours, one per
+    # method, only drawn when the embedded PNGs decode (a broken image shows none of them)
+    assert counts.get((0xF3, 0xF5, 0xF8), 0) > 5000, "the table header is not rendered"
+    tab10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    drawn = [rgb for rgb in tab10 if counts.get(rgb, 0) > 500]
+    assert drawn == tab10, f"figure colours missing: {set(tab10) - set(drawn)}"
