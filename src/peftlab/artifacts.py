@@ -40,7 +40,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from peftlab import compat
 from peftlab.config import ModelConfig, RunConfig, build_config
 from peftlab.errors import AdapterError, PeftlabError
-from peftlab.model import load_model_config, load_tokenizer
+from peftlab.model import (base_signature, describe_base, embedding_rows, fit_embeddings, load_model_config,
+                           load_tokenizer)
 from peftlab.progress import warn
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -186,7 +187,8 @@ def save_run(directory: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
     model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_CONFIG)
-    record = {**record, "versions": library_versions(),
+    base = model.get_base_model()
+    record = {**record, "base": base_signature(base.config, embedding_rows(base)), "versions": library_versions(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "adapter_bytes": (directory / ADAPTER_WEIGHTS).stat().st_size}
     write_json(directory / RUN_RECORD, record)
@@ -265,6 +267,28 @@ def _check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Pa
             )
 
 
+def _original_base(peft_config: PeftConfig, model_cfg: ModelConfig) -> dict[str, Any] | None:
+    """A plain peft adapter's own base, when it is at hand locally and is not the one being used."""
+    name = peft_config.base_model_name_or_path
+    if not name or name == model_cfg.name or not (Path(name) / "config.json").is_file():
+        return None
+    try:
+        return base_signature(load_model_config(ModelConfig(name=name)))
+    except PeftlabError:
+        return None
+
+
+def check_base(path: Path, model_cfg: ModelConfig, made_for: dict[str, Any] | None) -> None:
+    """Refuse, before any weights load, a base whose architecture or hidden size differs from the adapter's."""
+    if not made_for:
+        return
+    have = base_signature(load_model_config(model_cfg))
+    if any(have[key] != made_for.get(key) for key in ("model_type", "hidden_size") if made_for.get(key) is not None):
+        raise AdapterError(f"the adapter in {path} was made for {describe_base(made_for)}, but the base "
+                           f"{model_cfg.name} is {describe_base(have)}",
+                           "pass the base model it was trained on with --base")
+
+
 def load_adapter(path: str | Path, base: str | None = None, device: str | None = None) -> LoadedAdapter:
     """Load an adapter directory (peftlab's or plain peft's) onto its base model."""
     from peftlab.tasks import PEFT_TASK_TYPES, get_task
@@ -300,9 +324,12 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         task = get_task(PEFT_TASK_TYPES[task_type])
         meta = task.meta_from_adapter(shapes, load_model_config(model_cfg))
 
+    check_base(path, model_cfg, record.get("base") or _original_base(peft_config, model_cfg))
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(model_cfg, str(path) if has_tokenizer else None)
     base_model: PreTrainedModel = task.load_model(model_cfg, meta)
+    # added tokens: the base grows to the vocabulary the adapter was trained with, before peft attaches it
+    fit_embeddings(base_model, tokenizer, (record.get("base") or {}).get("vocab_size"))
     try:
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False, config=peft_config)
     except (RuntimeError, ValueError, KeyError) as error:
