@@ -184,7 +184,11 @@ def save_run(directory: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
 
     ``state_dict``: the trainable weights when they had to be gathered from several processes.
     """
-    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
+    # added tokens trained as rows (trainable_token_indices) are saved as those rows, not the whole resized
+    # embedding matrix peft would otherwise add; LoRA on the embeddings keeps peft's "auto" (full layers)
+    rows_only = bool(getattr(model.active_peft_config, "trainable_token_indices", None))
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict,
+                          save_embedding_layers=False if rows_only else "auto")
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_CONFIG)
     base = model.get_base_model()
@@ -256,7 +260,9 @@ def _normalise(key: str) -> str:
 
 
 def _check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Path, base: str) -> None:
-    live = {_normalise(k): tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    with warnings.catch_warnings():  # peft notes that it would save a resized embedding: not a save here
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
+        live = {_normalise(k): tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     for key, shape in shapes.items():
         have = live.get(_normalise(key))
         if have is None or have != shape:
