@@ -25,10 +25,12 @@ from peftlab.comparison import CompareResult, compare  # noqa: E402
 from peftlab.config import RunConfig, build_config, load_config  # noqa: E402
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.inference import evaluate, predict  # noqa: E402
+from peftlab.merge import MergeResult, combine, merge  # noqa: E402
 from peftlab.train import RunResult, train  # noqa: E402
 
-__all__ = ["CompareResult", "LoadedAdapter", "PeftlabError", "RunConfig", "RunResult", "build_config", "compare", "evaluate",
-           "load_adapter", "load_config", "predict", "train", "recipe_path"]
+__all__ = ["CompareResult", "LoadedAdapter", "MergeResult", "PeftlabError", "RunConfig", "RunResult", "build_config",
+           "combine", "compare", "evaluate", "load_adapter", "load_config", "merge", "predict", "train",
+           "recipe_path"]
 
 
 def recipe_path(name: str):

@@ -40,7 +40,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from peftlab import compat
 from peftlab.config import ModelConfig, RunConfig, build_config
 from peftlab.errors import AdapterError, PeftlabError
-from peftlab.model import load_model_config, load_tokenizer
+from peftlab.model import (base_signature, describe_base, embedding_rows, fit_embeddings, load_model_config,
+                           load_tokenizer)
 from peftlab.progress import warn
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -183,10 +184,15 @@ def save_run(directory: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
 
     ``state_dict``: the trainable weights when they had to be gathered from several processes.
     """
-    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
+    # added tokens trained as rows (trainable_token_indices) are saved as those rows, not the whole resized
+    # embedding matrix peft would otherwise add; LoRA on the embeddings keeps peft's "auto" (full layers)
+    rows_only = bool(getattr(model.active_peft_config, "trainable_token_indices", None))
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict,
+                          save_embedding_layers=False if rows_only else "auto")
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_CONFIG)
-    record = {**record, "versions": library_versions(),
+    base = model.get_base_model()
+    record = {**record, "base": base_signature(base.config, embedding_rows(base)), "versions": library_versions(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "adapter_bytes": (directory / ADAPTER_WEIGHTS).stat().st_size}
     write_json(directory / RUN_RECORD, record)
@@ -254,7 +260,9 @@ def _normalise(key: str) -> str:
 
 
 def _check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Path, base: str) -> None:
-    live = {_normalise(k): tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    with warnings.catch_warnings():  # peft notes that it would save a resized embedding: not a save here
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
+        live = {_normalise(k): tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     for key, shape in shapes.items():
         have = live.get(_normalise(key))
         if have is None or have != shape:
@@ -263,6 +271,28 @@ def _check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Pa
                 + (f"tensor {key} has no counterpart" if have is None else f"{key} is {shape}, the model has {have}"),
                 "it was made for a different base model; pass the right one with --base",
             )
+
+
+def _original_base(peft_config: PeftConfig, model_cfg: ModelConfig) -> dict[str, Any] | None:
+    """A plain peft adapter's own base, when it is at hand locally and is not the one being used."""
+    name = peft_config.base_model_name_or_path
+    if not name or name == model_cfg.name or not (Path(name) / "config.json").is_file():
+        return None
+    try:
+        return base_signature(load_model_config(ModelConfig(name=name)))
+    except PeftlabError:
+        return None
+
+
+def check_base(path: Path, model_cfg: ModelConfig, made_for: dict[str, Any] | None) -> None:
+    """Refuse, before any weights load, a base whose architecture or hidden size differs from the adapter's."""
+    if not made_for:
+        return
+    have = base_signature(load_model_config(model_cfg))
+    if any(have[key] != made_for.get(key) for key in ("model_type", "hidden_size") if made_for.get(key) is not None):
+        raise AdapterError(f"the adapter in {path} was made for {describe_base(made_for)}, but the base "
+                           f"{model_cfg.name} is {describe_base(have)}",
+                           "pass the base model it was trained on with --base")
 
 
 def load_adapter(path: str | Path, base: str | None = None, device: str | None = None) -> LoadedAdapter:
@@ -300,9 +330,12 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         task = get_task(PEFT_TASK_TYPES[task_type])
         meta = task.meta_from_adapter(shapes, load_model_config(model_cfg))
 
+    check_base(path, model_cfg, record.get("base") or _original_base(peft_config, model_cfg))
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(model_cfg, str(path) if has_tokenizer else None)
     base_model: PreTrainedModel = task.load_model(model_cfg, meta)
+    # added tokens: the base grows to the vocabulary the adapter was trained with, before peft attaches it
+    fit_embeddings(base_model, tokenizer, (record.get("base") or {}).get("vocab_size"))
     try:
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False, config=peft_config)
     except (RuntimeError, ValueError, KeyError) as error:

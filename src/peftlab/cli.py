@@ -265,6 +265,41 @@ def compare(
         raise typer.Exit(1)
 
 
+@app.command()
+def merge(
+    adapter_dir: Annotated[Path, typer.Argument(help="A LoRA / IA3 adapter directory.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the merged model goes.")],
+    base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Fold an adapter into its base model and save a plain transformers model (no peft needed to load it)."""
+    from peftlab import merge as run
+
+    result = run(adapter_dir, out_dir, base=base, overwrite=overwrite)
+    out.print(f"merged {result.method} adapter {escape(str(adapter_dir))} into {escape(str(result.output_dir))} "
+              f"(largest logit difference to the adapter model: {result.max_abs_diff:.2g})", highlight=False)
+
+
+@app.command()
+def combine(
+    adapter_dirs: Annotated[list[Path], typer.Argument(help="Two or more adapters (same base, technique, task).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the combined adapter goes.")],
+    weight: Annotated[Optional[list[float]], typer.Option("--weight", "-w", help="One weight per adapter, in order "
+                                                                                  "(default: equal).")] = None,
+    combination: Annotated[str, typer.Option(help="linear, cat, svd, ties, dare_linear, ... (peft's "
+                                                  "combination_type).")] = "linear",
+    density: Annotated[Optional[float], typer.Option(help="TIES / DARE: share of weights kept.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapters name.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """A weighted combination of adapters (peft's adapter arithmetic), saved as one adapter."""
+    from peftlab import combine as run
+
+    path = run(adapter_dirs, out_dir, weights=weight, combination=combination, density=density, base=base,
+               overwrite=overwrite)
+    out.print(f"combined {len(adapter_dirs)} adapters ({combination}) into {escape(str(path))}", highlight=False)
+
+
 def main() -> None:
     """Entry point: user errors become one readable message and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -92,3 +92,27 @@ def generation_overrides(model) -> dict:
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
         return {"use_cache": False}
     return {}
+
+
+# Merging IA3 with a trained classification head
+# ----------------------------------------------
+# peft 0.21's IA3 merge_and_unload() replaces each ModulesToSaveWrapper (the trained head of
+# a SEQ_CLS adapter) through the generic BaseTuner._replace_module, which copies
+# `child.weight` onto the new module; RoBERTa's head (dense + out_proj) has no `weight`, so
+# the merge fails with "'RobertaClassificationHead' object has no attribute 'weight'".
+# (LoRA has its own _replace_module and is not affected.) Unwrapping the heads first, with
+# peft's own ModulesToSaveWrapper.unload_and_optionally_merge_module, leaves merge_and_unload
+# only the IA3 layers. Harmless for every technique; remove when peft's IA3 unload handles it.
+
+
+def unwrap_modules_to_save(model: PeftModel) -> None:
+    """Replace every modules_to_save wrapper by its trained module (in place), before merge_and_unload()."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    root = model.base_model.model
+    for name, module in list(root.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            setattr(parent, child, module.unload_and_optionally_merge_module(merge=True, safe_merge=False,
+                                                                              adapter_names=None))

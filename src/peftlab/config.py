@@ -5,7 +5,7 @@ a "did you mean"; the resolved config is saved with every run (``peftlab.yaml``)
 
 Layout (every section optional except ``model`` and ``data``)::
 
-    model:    {name, revision, dtype, trust_remote_code}
+    model:    {name, revision, dtype, trust_remote_code, add_tokens, add_special_tokens, train_new_tokens}
     task:     seq-cls                      # a task family (peftlab tasks)
     method:   {name: lora, options: {r: 8}}  # a technique (peftlab methods)
     data:     {dataset | train_file | builtin, columns, splits, max_length}
@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from peftlab.errors import ConfigError, did_you_mean
 
 
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
@@ -39,6 +42,33 @@ class ModelConfig(_Section):
         "auto", description="Dtype of the frozen base weights; auto = float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the Hub (off unless asked).")
+    add_tokens: list[str] = Field(default_factory=list, description="New ordinary tokens for the tokenizer; the "
+                                                                     "embeddings grow to fit (docs/big-models.md).")
+    add_special_tokens: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="Special tokens as for tokenizer.add_special_tokens, e.g. "
+                                          "{pad_token: \"<pad>\", additional_special_tokens: [\"<|user|>\"]}.")
+    train_new_tokens: Literal["rows", "lora"] = Field(
+        "rows", description="How added tokens learn (method lora): rows = only their embedding (and output) rows "
+                            "through peft's trainable_token_indices; lora = LoRA on the embedding and output layers "
+                            "as well (notebook 10).")
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _special_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        allowed = [*SPECIAL_TOKEN_KEYS, "additional_special_tokens"]
+        for key, tokens in value.items():
+            if key not in allowed:
+                raise ValueError(f"unknown special token `{key}`{did_you_mean(key, allowed)}; known: "
+                                 f"{', '.join(allowed)}")
+            if (key == "additional_special_tokens") != isinstance(tokens, list):
+                raise ValueError(f"`{key}` takes " + ("a list of tokens" if key == "additional_special_tokens"
+                                                      else "one token"))
+        return value
+
+    def new_tokens(self) -> list[str]:
+        """Every token the config adds, in order."""
+        special = [t for key, t in self.add_special_tokens.items() if key != "additional_special_tokens"]
+        return [*self.add_tokens, *special, *self.add_special_tokens.get("additional_special_tokens", [])]
 
 
 class MethodConfig(_Section):

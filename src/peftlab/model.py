@@ -58,6 +58,8 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
         )
     except (OSError, ValueError) as error:
         raise _not_found(name, error) from None
+    if path is None:  # a tokenizer saved with an adapter already holds the added tokens
+        add_new_tokens(tokenizer, model_cfg)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f'the tokenizer of "{model_cfg.name}" has neither a pad nor an eos token')
@@ -96,3 +98,100 @@ def max_positions(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) 
         offset = (config.pad_token_id + 1) if config.model_type in {"roberta", "xlm-roberta", "camembert"} else 0
         limit = min(limit, positions - offset)
     return limit
+
+
+# --- added tokens ----------------------------------------------------------------------
+# One place for the vocabulary: training adds the configured tokens and grows the
+# embeddings; loading an adapter grows the base to the size it was trained with, before
+# peft attaches the adapter (docs/big-models.md, "Added tokens").
+
+
+def add_new_tokens(tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig) -> list[int]:
+    """Add ``model.add_tokens`` / ``model.add_special_tokens`` to the tokenizer; their ids."""
+    if model_cfg.add_tokens:
+        tokenizer.add_tokens(list(model_cfg.add_tokens))
+    if model_cfg.add_special_tokens:  # keep the tokenizer's own extra special tokens (chat markers)
+        tokenizer.add_special_tokens(dict(model_cfg.add_special_tokens), replace_extra_special_tokens=False)
+    return new_token_ids(tokenizer, model_cfg)
+
+
+def new_token_ids(tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig) -> list[int]:
+    return sorted({tokenizer.convert_tokens_to_ids(token) for token in model_cfg.new_tokens()})
+
+
+def embedding_rows(model: transformers.PreTrainedModel) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+@torch.no_grad()
+def fit_embeddings(model: transformers.PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   size: int | None = None) -> int:
+    """Grow the token embeddings to ``size`` rows (default: enough for every token of ``tokenizer``).
+
+    New rows (input and, when untied, output) start as the mean of the old ones, so the
+    same resize at load time rebuilds the same base (transformers' default draws them at
+    random). Returns the number of rows added. Never shrinks.
+    """
+    rows = embedding_rows(model)
+    size = size if size is not None else len(tokenizer)
+    if size <= rows:
+        return 0
+    model.resize_token_embeddings(size, mean_resizing=False)
+    layers = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != layers[0].weight.data_ptr():
+        layers.append(output)
+    for layer in layers:
+        weight = layer.weight
+        weight[rows:] = weight[:rows].float().mean(0).to(weight.dtype)
+        bias = getattr(layer, "bias", None)
+        if bias is not None and bias.shape[0] == size:
+            bias[rows:] = bias[:rows].float().mean().to(bias.dtype)
+    return size - rows
+
+
+def _layer_name(model: torch.nn.Module, layer: torch.nn.Module | None) -> str | None:
+    return next((name for name, module in model.named_modules() if module is layer), None)
+
+
+def new_token_options(model_cfg: ModelConfig, method: str, model: transformers.PreTrainedModel,
+                      tokenizer: PreTrainedTokenizerBase, options: dict[str, Any]) -> dict[str, Any]:
+    """The method options that train the added tokens (``model.train_new_tokens``)."""
+    if not model_cfg.new_tokens():
+        return options
+    if method != "lora":
+        raise ConfigError(f'added tokens (model.add_tokens / add_special_tokens) are trained with method "lora", '
+                          f'not "{method}": other techniques would leave their embeddings untrained',
+                          "use method.name=lora (docs/big-models.md)")
+    ids = new_token_ids(tokenizer, model_cfg)
+    embed = _layer_name(model, model.get_input_embeddings())
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    head = None if output is None else _layer_name(model, output)
+    if model_cfg.train_new_tokens == "rows":
+        if "trainable_token_indices" in options:
+            return options
+        layers = [embed] + ([head] if head and not tied else [])
+        return {**options, "trainable_token_indices": {name.split(".")[-1]: ids for name in layers}}
+    from peftlab.methods import get_method
+
+    targets = get_method(method).resolve_options(model.config.model_type, options).get("target_modules")
+    if isinstance(targets, str):
+        raise ConfigError("model.train_new_tokens=lora adds the embedding layers to method.options.target_modules, "
+                          "which is a regular expression here", "give target_modules as a list")
+    extra = [name.split(".")[-1] for name in (embed, head) if name]
+    return {**options, "target_modules": list(dict.fromkeys([*targets, *extra]))}
+
+
+# --- does an adapter fit a base? --------------------------------------------------------
+
+def base_signature(config: PretrainedConfig, rows: int | None = None) -> dict[str, Any]:
+    """What an adapter needs of its base: architecture, hidden size, vocabulary rows."""
+    signature = {"model_type": config.model_type, "hidden_size": getattr(config, "hidden_size", None)}
+    if rows is not None:
+        signature["vocab_size"] = rows
+    return signature
+
+
+def describe_base(signature: dict[str, Any]) -> str:
+    return f'a {signature["model_type"]} model with hidden size {signature["hidden_size"]}'

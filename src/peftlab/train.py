@@ -32,7 +32,8 @@ from peftlab.config import RunConfig, TrainingConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
 from peftlab.methods import get_method, linear_layer_names
-from peftlab.model import load_model_config, load_tokenizer, max_positions
+from peftlab.model import (fit_embeddings, load_model_config, load_tokenizer, max_positions,
+                           new_token_options)
 from peftlab.progress import TrainingProgress
 from peftlab.tasks import get_task
 
@@ -218,7 +219,9 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
 
     # model and method
     base = task.load_model(config.model, meta)
-    peft_config = spec.build(task.peft_task_type, base.config.model_type, config.method.options)
+    fit_embeddings(base, tokenizer)  # room for model.add_tokens (docs/big-models.md)
+    options = new_token_options(config.model, spec.name, base, tokenizer, config.method.options)
+    peft_config = spec.build(task.peft_task_type, base.config.model_type, options)
     try:
         model = get_peft_model(base, peft_config)
     except (ValueError, TypeError, RuntimeError) as error:
