@@ -104,14 +104,15 @@ def test_merge_refuses_to_overwrite(tiny_models, tiny_lms, keyword_data, generat
 def test_base_of_another_architecture_or_size_is_refused_before_loading(tiny_models, tiny_lms, keyword_data,
                                                                          generative_data, tmp_path):
     result = tiny_run(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path, "bert", "lora")
-    with pytest.raises(PeftlabError, match=r"made for a bert model with hidden size 32, but the base .* is a "
-                                           r"roberta model with hidden size 32"):
+    with pytest.raises(PeftlabError, match=r"does not fit the base model .*roberta: the adapter was made for a bert "
+                                           r"model with hidden size 32, .*roberta is a roberta model with hidden "
+                                           r"size 32"):
         load_adapter(result.output_dir, base=str(tiny_models["roberta"]))
     wider = tmp_path / "wide-bert"
     BertModel(BertConfig(vocab_size=30, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
                          intermediate_size=64)).save_pretrained(str(wider))
-    with pytest.raises(PeftlabError, match=r"made for a bert model with hidden size 32, but the base .*wide-bert is "
-                                           r"a bert model with hidden size 48"):
+    with pytest.raises(PeftlabError, match=r"made for a bert model with hidden size 32, .*wide-bert is a bert model "
+                                           r"with hidden size 48"):
         merge(result.output_dir, tmp_path / "merged", base=str(wider))
     assert not (tmp_path / "merged").exists()
 

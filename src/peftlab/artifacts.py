@@ -290,9 +290,9 @@ def check_base(path: Path, model_cfg: ModelConfig, made_for: dict[str, Any] | No
         return
     have = base_signature(load_model_config(model_cfg))
     if any(have[key] != made_for.get(key) for key in ("model_type", "hidden_size") if made_for.get(key) is not None):
-        raise AdapterError(f"the adapter in {path} was made for {describe_base(made_for)}, but the base "
-                           f"{model_cfg.name} is {describe_base(have)}",
-                           "pass the base model it was trained on with --base")
+        raise AdapterError(f"the adapter in {path} does not fit the base model {model_cfg.name}: the adapter was "
+                           f"made for {describe_base(made_for)}, {model_cfg.name} is {describe_base(have)}",
+                           "it was made for a different base model; pass the right one with --base")
 
 
 def load_adapter(path: str | Path, base: str | None = None, device: str | None = None) -> LoadedAdapter:

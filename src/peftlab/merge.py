@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 from peft import PeftModel
+from transformers.utils import logging as hf_logging
 
 from peftlab import artifacts, compat
 from peftlab.errors import AdapterError, PeftlabError
@@ -102,7 +103,11 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = No
               "task": loaded.task.name, "base": loaded.model_config.name, "max_abs_diff": diff,
               "versions": artifacts.library_versions()}
     with artifacts.staging_dir(out, overwrite) as staging:
-        merged.save_pretrained(str(staging), safe_serialization=True)
+        hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar
+        try:
+            merged.save_pretrained(str(staging), safe_serialization=True)
+        finally:
+            hf_logging.enable_progress_bar()
         loaded.tokenizer.save_pretrained(str(staging))
         artifacts.write_json(staging / MERGE_RECORD, record)
     return MergeResult(output_dir=out, method=record["method"], max_abs_diff=diff)
