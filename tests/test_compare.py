@@ -121,17 +121,18 @@ def test_outputs_json_csv_markdown(all_methods):
 
 # --- failures, interrupts, re-runs ------------------------------------------------------
 
-def test_a_failing_method_keeps_the_others_and_a_rerun_retries_only_it(base_raw, tmp_path, monkeypatch):
+def test_a_failing_method_keeps_the_others_and_a_rerun_retries_only_it(base_raw, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
-    calls = train_spy(monkeypatch, fail={"prefix": RuntimeError("injected failure")})
-    result = compare(build_config(base_raw), methods=["lora", "prefix", "prompt"], out_dir=out, progress=False)
+    calls = train_spy(monkeypatch, fail={"prefix": RuntimeError("injected [failure]")})
+    result = compare(build_config(base_raw), methods=["lora", "prefix", "prompt"], out_dir=out)
+    assert "x prefix-seed0: failed: RuntimeError: injected [failure]" in capsys.readouterr().err
     assert calls == ["lora", "prefix", "prompt"]
     rows = {row["method"]: row for row in result.rows}
     assert rows["lora"]["status"] == rows["prompt"]["status"] == "ok"
-    assert rows["prefix"]["status"] == "failed" and rows["prefix"]["error"] == "RuntimeError: injected failure"
-    assert "injected failure" in (out / rows["prefix"]["error_log"]).read_text()
+    assert rows["prefix"]["status"] == "failed" and rows["prefix"]["error"] == "RuntimeError: injected [failure]"
+    assert "injected [failure]" in (out / rows["prefix"]["error_log"]).read_text()
     assert [row["name"] for row in result.failed] == ["prefix-seed0"]
-    assert "prefix-seed0 failed: RuntimeError: injected failure" in (out / "results.md").read_text()
+    assert "prefix-seed0 failed: RuntimeError: injected [failure]" in (out / "results.md").read_text()
     assert 'class="failed"' in (out / "report.html").read_text()
 
     lora_adapter = out / "runs" / "lora-seed0" / "adapter_model.safetensors"

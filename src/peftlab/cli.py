@@ -259,7 +259,7 @@ def compare(
         table.add_row(*row)
     (out if out.is_terminal else Console(width=150)).print(table)  # a log or a pipe: room for every column
     for note in report.notes(summary):
-        out.print(f"[dim]{note}[/dim]", highlight=False, soft_wrap=True)
+        out.print(note, style="dim", markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {result.report}  (also results.json, results.csv, results.md in {out_dir})", soft_wrap=True)
     if result.failed:
         raise typer.Exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from peftlab.comparison.plan import PlannedRun
@@ -13,7 +14,7 @@ from peftlab.progress import console
 
 def _outcome(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
-        return f"[red]failed[/red]: {row['error'].splitlines()[0]}"
+        return f"[red]failed[/red]: {escape(row['error'].splitlines()[0])}"
     return (f"{row['main_metric']} {row['main_value']:.4f}, {row['trainable_params']:,} trainable, "
             f"{row['wall_seconds']:.0f} s")
 
@@ -50,7 +51,7 @@ class CompareProgress:
         elif kind == "evaluation":
             shown = ", ".join(f"{k} {v:.4f}" for k, v in data.items()
                               if k not in {"step", "epoch", "samples"} and isinstance(v, float))
-            self._line(f"    eval @ step {data['step']}: {shown}")
+            self._line(f"    eval @ step {data['step']}: {escape(shown)}")
 
     def finish(self, run: PlannedRun, row: dict[str, Any]) -> None:
         self._progress.update(self._steps, visible=False)

@@ -80,8 +80,11 @@ def loss_curves(summary: Summary, path: Path) -> Path:
         ax.plot(steps, losses, color=_color(summary, g), alpha=0.2, linewidth=0.8)
         ax.plot(steps, smooth, color=_color(summary, g), label=g.label(summary.sweep))
     ax.set_xlabel("optimizer step")
-    ax.set_yscale("log")  # early losses are often 10x the late ones
-    ax.set_ylabel("training loss (log scale)")
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    log = low > 0 and high / low > 10  # early losses 10x the late ones: the late ones stay readable
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel("training loss" + (" (log scale)" if log else ""))
     ax.set_title("training loss" + (" (best learning rate per method)" if summary.sweep else "")
                  + (", mean over seeds" if summary.seeds > 1 else ""))
     ax.grid(alpha=0.3)
