@@ -350,7 +350,7 @@ def test_stale_temp_dirs_of_killed_runs_are_removed(capsys, monkeypatch, tmp_pat
     staged = []
     save_run = peftlab.artifacts.save_run
     monkeypatch.setattr(peftlab.artifacts, "save_run", lambda directory, *a, **k: staged.append(directory.name)
-                        or save_run(directory, *a))
+                        or save_run(directory, *a, **k))
     code, _, err = run_cli(capsys, monkeypatch, *train_args(tmp_path, recipe, "--set", "training.max_steps=2"))
     assert code in (0, None), err
     assert not killed.exists()
