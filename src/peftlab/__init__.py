@@ -27,8 +27,8 @@ from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.inference import evaluate, predict  # noqa: E402
 from peftlab.train import RunResult, train  # noqa: E402
 
-__all__ = ["CompareResult", "LoadedAdapter", "PeftlabError", "RunConfig", "RunResult", "build_config", "compare", "evaluate",
-           "load_adapter", "load_config", "predict", "train", "recipe_path"]
+__all__ = ["CompareResult", "LoadedAdapter", "PeftlabError", "RunConfig", "RunResult", "build_config", "compare",
+           "evaluate", "load_adapter", "load_config", "predict", "train", "recipe_path"]
 
 
 def recipe_path(name: str):
