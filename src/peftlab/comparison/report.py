@@ -16,6 +16,7 @@ from string import Template
 from typing import Any
 
 from peftlab.comparison.plan import DEFAULT_LEARNING_RATES
+from peftlab.methods import METHODS
 from peftlab.train import LOWER_IS_BETTER
 
 CSV_FIELDS = ["name", "method", "seed", "learning_rate", "lr_source", "lr_factor", "overrides", "status", "error",
@@ -165,7 +166,8 @@ def notes(summary: Summary) -> list[str]:
     lines = ["learning rates: " + "; ".join(f"{LR_SOURCES[source]} for {methods(source)}"
                                             for source in LR_SOURCES if methods(source))]
     lines.append("peftlab's default learning rates: "
-                 + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items()))
+                 + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items()
+                             if method in METHODS))  # not rates reserved for techniques still to come
     if summary.sweep:
         lines.append("★ the best learning rate of each method" + (" (lowest)" if summary.lower_is_better else ""))
     overrides = {g.method: g.rows[0]["overrides"] for g in summary.groups if g.rows[0]["overrides"]}
