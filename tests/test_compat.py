@@ -66,3 +66,15 @@ def test_fix_leaves_other_methods_alone(tiny_models):
     model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
     assert not compat.prefix_tuning_needs_cache_fix(model)
     assert "_prefix_tuning_forward" not in vars(compat.apply_fixes(model))
+
+
+def test_upstream_ia3_merge_with_a_roberta_head_is_still_broken(tiny_models):
+    """If this starts failing, peft's IA3 unload handles classification heads and
+    compat.unwrap_modules_to_save can go (merge still works with it: tests/test_merge.py)."""
+    from peft import IA3Config
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["roberta"]), num_labels=2)
+    model = get_peft_model(base, IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
+                                           feedforward_modules=["output.dense"]))
+    with pytest.raises(AttributeError, match="has no attribute 'weight'"):
+        model.merge_and_unload()

@@ -102,7 +102,8 @@ def generation_overrides(model) -> dict:
 # the merge fails with "'RobertaClassificationHead' object has no attribute 'weight'".
 # (LoRA has its own _replace_module and is not affected.) Unwrapping the heads first, with
 # peft's own ModulesToSaveWrapper.unload_and_optionally_merge_module, leaves merge_and_unload
-# only the IA3 layers. Harmless for every technique; remove when peft's IA3 unload handles it.
+# only the IA3 layers. Harmless for every technique; remove when peft's IA3 unload handles it
+# (canary: tests/test_compat.py::test_upstream_ia3_merge_with_a_roberta_head_is_still_broken).
 
 
 def unwrap_modules_to_save(model: PeftModel) -> None:
