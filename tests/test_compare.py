@@ -14,6 +14,7 @@ import sys
 import pytest
 import yaml
 
+from peftlab.checkpoint import TrainingInterrupted
 from peftlab import build_config, cli, compare
 from peftlab.comparison import DEFAULT_LEARNING_RATES, parse_method_overrides, runner
 from peftlab.comparison.plan import plan_runs, sweep_factors
@@ -159,10 +160,16 @@ def test_changed_settings_rerun_only_that_method(base_raw, tmp_path, monkeypatch
     assert result.rows[0]["trainable_params"] < first.rows[0]["trainable_params"]
 
 
-def test_interrupt_keeps_finished_rows_and_the_next_call_continues(base_raw, tmp_path, monkeypatch):
+# Ctrl-C before or between training steps is a KeyboardInterrupt; inside train() it becomes a checkpoint and
+# TrainingInterrupted. Either must stop the comparison, not be recorded as a failed run.
+INTERRUPTS = [KeyboardInterrupt(), TrainingInterrupted("interrupted at step 3 of 8", "--resume")]
+
+
+@pytest.mark.parametrize("interrupt", INTERRUPTS, ids=["keyboard", "in-training"])
+def test_interrupt_keeps_finished_rows_and_the_next_call_continues(base_raw, tmp_path, monkeypatch, interrupt):
     out = tmp_path / "cmp"
-    train_spy(monkeypatch, fail={"ia3": KeyboardInterrupt()})
-    with pytest.raises(KeyboardInterrupt):
+    train_spy(monkeypatch, fail={"ia3": interrupt})
+    with pytest.raises(type(interrupt)):
         compare(build_config(base_raw), methods=["lora", "ia3", "prompt"], out_dir=out, progress=False)
     saved = json.loads((out / "results.json").read_text())
     assert [row["name"] for row in saved["rows"]] == ["lora-seed0"]
@@ -247,13 +254,14 @@ def test_cli_prints_the_table_and_the_report_path(base_raw, tmp_path, monkeypatc
         cli.main()
     assert exit_info.value.code == 2 and "error: --seeds" in capsys.readouterr().err
 
-    train_spy(monkeypatch, fail={"ia3": KeyboardInterrupt()})
-    monkeypatch.setattr(sys, "argv", ["peftlab", "compare", str(recipe), "--methods", "lora,ia3", "--seeds", "3",
-                                      "-o", str(out)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 130
-    assert f"interrupted: finished runs are kept in {out}" in capsys.readouterr().err
+    for interrupt in INTERRUPTS:
+        train_spy(monkeypatch, fail={"ia3": interrupt})
+        monkeypatch.setattr(sys, "argv", ["peftlab", "compare", str(recipe), "--methods", "lora,ia3", "--seeds",
+                                          "3", "-o", str(out)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code == 130
+        assert f"interrupted: finished runs are kept in {out}" in capsys.readouterr().err
 
 
 # --- the report in a browser ------------------------------------------------------------

@@ -239,6 +239,7 @@ def compare(
     """Train several techniques on the same model, data, budget and seeds; compare metrics, size, memory, speed."""
     from peftlab import compare as run
     from peftlab import load_config
+    from peftlab.checkpoint import TrainingInterrupted
     from peftlab.comparison import plan, report
 
     base = load_config(config, list(set_ or []))
@@ -246,7 +247,7 @@ def compare(
         result = run(base, methods=plan.parse_list(methods, "--methods"), seeds=plan.parse_seeds(seeds),
                      method_overrides=plan.parse_method_overrides(list(set_method or [])), lr_sweep=lr_sweep,
                      out_dir=out_dir)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingInterrupted):  # the run in progress restarts on the next call
         err.print(f"interrupted: finished runs are kept in {out_dir} (results.json, report.html); "
                   "run the same command again to continue", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None

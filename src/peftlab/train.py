@@ -8,6 +8,7 @@ from ``transformers`` and ``peft``; the task family supplies data handling and m
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import threading
@@ -162,8 +163,6 @@ def _sharded(accelerator: Accelerator) -> bool:
 
 def _distributed_cpu() -> bool:
     """Several processes launched without GPUs: accelerate must be told to use gloo on the CPU."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 

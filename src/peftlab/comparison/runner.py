@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from peftlab import artifacts
+from peftlab.checkpoint import TrainingInterrupted
 from peftlab.comparison.display import CompareProgress
 from peftlab.comparison.measure import PeakMemory, StepRecorder, release_memory
 from peftlab.comparison.plan import DEFAULT_LEARNING_RATES, PlannedRun, plan_runs
@@ -171,6 +172,8 @@ def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[
                 try:
                     row = train_one(run, display.on_event)
                     _error_log(run, out_dir).unlink(missing_ok=True)  # from an earlier, failed try
+                except TrainingInterrupted:  # Ctrl-C inside train(): the user stops the comparison
+                    raise
                 except Exception as error:  # noqa: BLE001 - recorded in the row; the comparison goes on
                     row = _failed_row(run, error, out_dir)
                 rows[run.name] = {**_run_fields(run), **row,
