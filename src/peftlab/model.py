@@ -137,10 +137,7 @@ def fit_embeddings(model: transformers.PreTrainedModel, tokenizer: PreTrainedTok
     if size <= rows:
         return 0
     model.resize_token_embeddings(size, mean_resizing=False)
-    layers = [model.get_input_embeddings()]
-    output = model.get_output_embeddings()
-    if output is not None and output.weight.data_ptr() != layers[0].weight.data_ptr():
-        layers.append(output)
+    layers = [model.get_input_embeddings()] + ([] if _tied(model) else [model.get_output_embeddings()])
     for layer in layers:
         weight = layer.weight
         weight[rows:] = weight[:rows].float().mean(0).to(weight.dtype)
@@ -148,6 +145,12 @@ def fit_embeddings(model: transformers.PreTrainedModel, tokenizer: PreTrainedTok
         if bias is not None and bias.shape[0] == size:
             bias[rows:] = bias[:rows].float().mean().to(bias.dtype)
     return size - rows
+
+
+def _tied(model: transformers.PreTrainedModel) -> bool:
+    """Whether there is no separate output embedding (none, or one sharing the input's weights)."""
+    output = model.get_output_embeddings()
+    return output is None or output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def _layer_name(model: torch.nn.Module, layer: torch.nn.Module | None) -> str | None:
@@ -166,12 +169,11 @@ def new_token_options(model_cfg: ModelConfig, method: str, model: transformers.P
     ids = new_token_ids(tokenizer, model_cfg)
     embed = _layer_name(model, model.get_input_embeddings())
     output = model.get_output_embeddings()
-    tied = output is not None and output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     head = None if output is None else _layer_name(model, output)
     if model_cfg.train_new_tokens == "rows":
         if "trainable_token_indices" in options:
             return options
-        layers = [embed] + ([head] if head and not tied else [])
+        layers = [embed] + ([head] if head and not _tied(model) else [])
         return {**options, "trainable_token_indices": {name.split(".")[-1]: ids for name in layers}}
     from peftlab.methods import get_method
 
