@@ -37,12 +37,14 @@ from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftModel, get_peft_mo
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peftlab import compat
-from peftlab.config import ModelConfig, RunConfig, build_config
-from peftlab.errors import AdapterError, PeftlabError
+from pydantic import ValidationError
+
+from peftlab import compat, placement
+from peftlab.config import ModelConfig, RunConfig, build_config, readable_error
+from peftlab.errors import AdapterError, ConfigError, PeftlabError
 from peftlab.model import (base_signature, describe_base, embedding_rows, fit_embeddings, load_model_config,
                            load_tokenizer)
-from peftlab.progress import warn
+from peftlab.progress import note, warn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -213,6 +215,7 @@ class LoadedAdapter:
     model_config: ModelConfig
     record: dict[str, Any]
     path: Path
+    placement: str | None = None  # where the base's layers went, when spread over devices / disk
 
 
 def _adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -295,8 +298,28 @@ def check_base(path: Path, model_cfg: ModelConfig, made_for: dict[str, Any] | No
                            "it was made for a different base model; pass the right one with --base")
 
 
-def load_adapter(path: str | Path, base: str | None = None, device: str | None = None) -> LoadedAdapter:
-    """Load an adapter directory (peftlab's or plain peft's) onto its base model."""
+def _placement_kwargs(base_model: PreTrainedModel, model_cfg: ModelConfig) -> dict[str, Any]:
+    """What PeftModel.from_pretrained needs to re-place a base with layers on the CPU or disk."""
+    device_map = getattr(base_model, "hf_device_map", None)
+    if not device_map or not {"cpu", "disk"} & set(device_map.values()):
+        return {}
+    # peft re-dispatches the wrapped model: the same placement, under the wrapped module names
+    kwargs: dict[str, Any] = {"device_map": {f"base_model.model.{k}" if k else "base_model.model": v
+                                             for k, v in device_map.items()}}
+    if "disk" in device_map.values():
+        compat.redirect_offloaded_weights(base_model, model_cfg.offload_folder)
+        kwargs["offload_folder"] = model_cfg.offload_folder
+    return kwargs
+
+
+def load_adapter(path: str | Path, base: str | None = None, device: str | None = None,
+                 model_options: dict[str, Any] | None = None) -> LoadedAdapter:
+    """Load an adapter directory (peftlab's or plain peft's) onto its base model.
+
+    ``model_options`` override the run's ``model:`` settings for loading, e.g. a
+    ``device_map`` / ``max_memory`` / ``offload_folder`` for a base bigger than memory, or
+    ``quantization`` (docs/big-models.md).
+    """
     from peftlab.tasks import PEFT_TASK_TYPES, get_task
 
     path = Path(path)
@@ -314,6 +337,7 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         except (yaml.YAMLError, json.JSONDecodeError, FileNotFoundError) as error:
             raise AdapterError(f"peftlab's record in {path} is unreadable: {error}",
                                f"delete {RUN_CONFIG} and {RUN_RECORD} to load it as a plain peft adapter") from None
+    options = {k: v for k, v in (model_options or {}).items() if v is not None}
     if config is not None:
         model_cfg = config.model.model_copy(update={"name": base} if base else {})
         task = get_task(config.task)
@@ -330,6 +354,11 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         task = get_task(PEFT_TASK_TYPES[task_type])
         meta = task.meta_from_adapter(shapes, load_model_config(model_cfg))
 
+    if options:
+        try:
+            model_cfg = ModelConfig.model_validate({**model_cfg.model_dump(), **options})
+        except ValidationError as error:
+            raise ConfigError(f"invalid model options: {readable_error(error, ModelConfig, 'model.')}") from None
     check_base(path, model_cfg, record.get("base") or _original_base(peft_config, model_cfg))
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(model_cfg, str(path) if has_tokenizer else None)
@@ -337,7 +366,11 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
     # added tokens: the base grows to the vocabulary the adapter was trained with, before peft attaches it
     fit_embeddings(base_model, tokenizer, (record.get("base") or {}).get("vocab_size"))
     try:
-        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False, config=peft_config)
+        with warnings.catch_warnings(), placement.quiet_dispatch():
+            # on an offloaded base, peft's re-dispatch puts the adapter weights with the layers (expected no-op copy)
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False, config=peft_config,
+                                              **_placement_kwargs(base_model, model_cfg))
     except (RuntimeError, ValueError, KeyError) as error:
         problem = f"no match for tensor {error.args[0]}" if isinstance(error, KeyError) else str(error).splitlines()[0]
         raise AdapterError(
@@ -346,8 +379,11 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         ) from None
     _check_loaded(model, shapes, path, model_cfg.name)
     compat.apply_fixes(model)
-    if device:
+    if device and not placement.device_map_of(model):
         model.to(device)
     model.eval()
+    where = placement.describe(model)
+    if where:
+        note(f"base model layers: {where}")
     return LoadedAdapter(model=model, tokenizer=tokenizer, task=task, meta=meta, config=config,
-                         model_config=model_cfg, record=record, path=path)
+                         model_config=model_cfg, record=record, path=path, placement=where)

@@ -98,6 +98,23 @@ def _relaunch(num_processes: int) -> int:
                "-m", "peftlab", *args]
     return subprocess.call(command)
 
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    "--device-map", help='Spread the base over devices: auto, balanced or sequential (docs/big-models.md).')]
+MaxMemoryOpt = Annotated[Optional[list[str]], typer.Option(
+    "--max-memory", help="Memory budget DEVICE=AMOUNT, e.g. cpu=4GiB or 0=20GiB (repeatable); layers that do not "
+                         "fit go to the next device, then to the offload folder.")]
+OffloadOpt = Annotated[Optional[str], typer.Option("--offload-folder", help="Keep layers that fit nowhere here.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Load the base in 8bit or 4bit (CUDA GPU and "
+                                                                       "bitsandbytes).")]
+
+
+def _model_options(device_map: str | None, max_memory: list[str] | None, offload_folder: str | None,
+                   quantize: str | None) -> dict:
+    from peftlab.placement import parse_max_memory
+
+    return {"device_map": device_map, "max_memory": parse_max_memory(max_memory), "offload_folder": offload_folder,
+            "quantization": quantize}
+
 
 @app.command("eval")
 def eval_(
@@ -107,11 +124,16 @@ def eval_(
     set_: SetOpt = None,
     base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Metrics of a saved adapter on its evaluation split, another split or a file."""
     from peftlab import evaluate
 
-    metrics = evaluate(adapter_dir, data=data, split=split, overrides=list(set_ or []), base=base)
+    metrics = evaluate(adapter_dir, data=data, split=split, overrides=list(set_ or []), base=base,
+                       model_options=_model_options(device_map, max_memory, offload_folder, quantize))
     if as_json:
         out.print_json(json.dumps(metrics))
         return
@@ -137,6 +159,10 @@ def predict(
     temperature: Annotated[Optional[float], typer.Option(help="Sample with this temperature.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Sample from the top-p nucleus.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")] = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Label and score per input (classification) or generated text (seq2seq, causal LM)."""
     from peftlab import predict as run
@@ -148,7 +174,8 @@ def predict(
     if temperature is not None or top_p is not None:
         generation["do_sample"] = True
     records = run(adapter_dir, texts=text, pairs=pair, file=file, overrides=list(set_ or []), base=base,
-                  generation=generation)
+                  generation=generation,
+                  model_options=_model_options(device_map, max_memory, offload_folder, quantize))
     if fmt == "jsonl":
         for record in records:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")

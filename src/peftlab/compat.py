@@ -117,3 +117,51 @@ def unwrap_modules_to_save(model: PeftModel) -> None:
             parent = root.get_submodule(parent_name) if parent_name else root
             setattr(parent, child, module.unload_and_optionally_merge_module(merge=True, safe_merge=False,
                                                                               adapter_names=None))
+
+
+# Attaching an adapter to a disk-offloaded base
+# ---------------------------------------------
+# peft 0.21's PeftModel.from_pretrained re-dispatches a base that has layers on the CPU or
+# disk (accelerate), and for disk-offloaded layers _update_offload rewrites the safetensors
+# file each offloaded weight is read from, with the keys renamed for the peft model, to a
+# name made by appending "-peft" to the first path component that contains "--" (as in
+# the Hub cache, "models--org--name"). transformers 5 reads disk-offloaded weights straight
+# from the base model's own checkpoint, so for a base in an ordinary folder (no "--" in the
+# path) peft overwrites the user's model.safetensors with renamed keys, and the model no
+# longer loads afterwards. peft also rebuilds the path without its leading "/", so the new
+# file lands relative to the working directory (upstream: the approach of
+# huggingface/peft#1431). The fix: before peft runs, point every offloaded weight at a
+# symlink to its file, at a cwd-relative path inside the offload folder whose first "--"
+# component is ours; peft then writes its renamed copy beside it, inside the offload
+# folder, and never touches the base model. Tested in tests/test_big_models.py (the base
+# checkpoint's bytes are unchanged and generations equal the in-memory model's).
+
+_LINK_DIR = "peftlab--offloaded-base"
+
+
+def redirect_offloaded_weights(model, offload_folder: str) -> None:
+    """Make peft's rewrite of disk-offloaded weights land in ``offload_folder`` (see above)."""
+    import hashlib
+    import os
+
+    from peftlab.errors import ConfigError
+
+    folder = os.path.relpath(os.path.abspath(offload_folder))
+    if "--" in folder:
+        raise ConfigError(f'the offload folder path "{folder}" contains "--", which peft treats specially when '
+                          "it rewrites offloaded weights", "use an offload folder whose path has no \"--\"")
+    for module in model.modules():
+        dataset = getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
+        for entry in (getattr(dataset, "index", None) or {}).values():
+            source = entry.get("safetensors_file")
+            if not source or _LINK_DIR in source:
+                continue
+            source = os.path.abspath(source)
+            tag = hashlib.sha1(source.encode()).hexdigest()[:12]
+            link = os.path.join(folder, _LINK_DIR, f"{tag}-{os.path.basename(source)}")
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            if os.path.realpath(link) != source:
+                if os.path.lexists(link):
+                    os.unlink(link)
+                os.symlink(source, link)
+            entry["safetensors_file"] = link

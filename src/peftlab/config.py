@@ -52,6 +52,18 @@ class ModelConfig(_Section):
                             "through peft's trainable_token_indices; lora = LoRA on the embedding and output layers "
                             "as well (notebook 10).")
 
+    device_map: str | dict[str, int | str] | None = Field(
+        None, description='Where the base model\'s layers go for eval / predict / serve: "auto", "balanced", '
+                          '"sequential" or {module: device}; set by max_memory / offload_folder too '
+                          '(docs/big-models.md).')
+    max_memory: dict[str, str] | None = Field(
+        None, description='Memory budget per device, e.g. {"0": "20GiB", "cpu": "30GiB"}; layers that do not fit '
+                          'go to the next device, then to disk (offload_folder).')
+    offload_folder: str | None = Field(None, description="Where layers that fit in no budget are kept on disk.")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the frozen base in 8 or 4 bits with bitsandbytes (4bit: NF4, double quantization, "
+                            "bf16 compute; training prepares it as QLoRA does). Needs a CUDA GPU.")
+
     @field_validator("add_special_tokens")
     @classmethod
     def _special_keys(cls, value: dict[str, Any]) -> dict[str, Any]:

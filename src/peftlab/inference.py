@@ -57,9 +57,13 @@ def _dataset(loaded: LoadedAdapter, data: DataConfig, file: str | None, split: s
 
 def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "eval",
              overrides: list[str] | None = None, base: str | None = None, batch_size: int = 64,
-             device: str | None = None) -> dict[str, Any]:
-    """Metrics of an adapter on its run's evaluation split, another split, or a file."""
-    loaded = load_adapter(adapter_dir, base=base, device=device)
+             device: str | None = None, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of an adapter on its run's evaluation split, another split, or a file.
+
+    ``model_options`` place or quantize the base (``device_map``, ``max_memory``,
+    ``offload_folder``, ``quantization``; docs/big-models.md).
+    """
+    loaded = load_adapter(adapter_dir, base=base, device=device, model_options=model_options)
     cfg = data_config(loaded, data, overrides)
     dataset = _dataset(loaded, cfg, data, split)
     if len(dataset) == 0:
@@ -73,14 +77,16 @@ def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "
 def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None = None,
             pairs: list[str] | None = None, file: str | None = None, overrides: list[str] | None = None,
             base: str | None = None, batch_size: int = 32, device: str | None = None,
-            generation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+            generation: dict[str, Any] | None = None,
+            model_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Predictions for texts (optionally text pairs) or the rows of a file.
 
     ``generation`` overrides the run's decoding settings for generative tasks
-    (max_new_tokens, do_sample, temperature, top_p, num_beams, stop).
+    (max_new_tokens, do_sample, temperature, top_p, num_beams, stop); ``model_options``
+    place or quantize the base as for :func:`evaluate`.
     """
-    loaded = adapter_dir if isinstance(adapter_dir, LoadedAdapter) else load_adapter(adapter_dir, base=base,
-                                                                                      device=device)
+    loaded = adapter_dir if isinstance(adapter_dir, LoadedAdapter) else load_adapter(
+        adapter_dir, base=base, device=device, model_options=model_options)
     cfg = data_config(loaded, file or "<inline>", overrides)  # only the column names matter here
     if file:
         rows = list(load_eval_file(file))

@@ -77,7 +77,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = No
     """
     out = Path(out_dir)
     artifacts.check_output_dir(out, overwrite)
-    loaded = artifacts.load_adapter(adapter_dir, base=base)
+    # a QLoRA adapter merges into the unquantized base (merging into 4-bit weights would round the update away)
+    loaded = artifacts.load_adapter(adapter_dir, base=base, model_options={"quantization": "none"})
     model, technique = loaded.model, _technique(loaded.model)
     if loaded.model.active_peft_config.is_prompt_learning:
         raise AdapterError(f"{adapter_dir} is a {technique} adapter (prompt learning): it adds virtual tokens, not "

@@ -70,20 +70,29 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
 
 def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transformers.PreTrainedModel:
     """The frozen base model through ``auto_class`` (e.g. AutoModelForSequenceClassification)."""
+    from peftlab import placement
+
     name = _base_name(model_cfg)
+    if placement.uses_placement(model_cfg) or model_cfg.quantization != "none":
+        kwargs = {**placement.from_pretrained_kwargs(model_cfg, auto_class, load_model_config(model_cfg), **kwargs),
+                  **kwargs}
     # The load report's "newly initialized head" is expected for a task head; keep it quiet.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return auto_class.from_pretrained(
-            name,
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-            dtype=torch_dtype(model_cfg),
-            **kwargs,
-        )
+        with placement.quiet_dispatch():
+            return auto_class.from_pretrained(
+                name,
+                revision=model_cfg.revision,
+                trust_remote_code=model_cfg.trust_remote_code,
+                dtype=torch_dtype(model_cfg),
+                **kwargs,
+            )
     except (OSError, ValueError) as error:
+        if "offload" in str(error) and "device_map" in kwargs:  # device_map="auto" found too little memory
+            raise ConfigError(f"{model_cfg.name} does not fit in memory, so some layers must go to disk",
+                              "pass an offload folder (--offload-folder DIR, or model.offload_folder)") from None
         raise _not_found(model_cfg.name, error) from None
     finally:
         hf_logging.set_verbosity(verbosity)

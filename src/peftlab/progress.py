@@ -59,3 +59,8 @@ class TrainingProgress:
 def warn(message: str) -> None:
     """A warning the user should see (e.g. truncated data), on stderr."""
     console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def note(message: str) -> None:
+    """Something the user should know about what happened (e.g. where layers went), on stderr."""
+    console.print(f"[dim]note:[/dim] {escape(message)}", soft_wrap=True, highlight=False)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -183,6 +183,18 @@ def _resume_point(config: RunConfig, resume: bool, overwrite: bool, main_process
     return None
 
 
+def _check_placement(model_cfg) -> None:
+    """Device maps and disk offload are for inference; a quantized base is how a big one trains."""
+    from peftlab import placement
+
+    if placement.uses_placement(model_cfg):
+        raise ConfigError("model.device_map / max_memory / offload_folder spread a base over devices for eval, "
+                          "predict and serve; training keeps the base on the training device",
+                          "drop them from the training config (pass them to eval / predict instead), or fit a "
+                          "big base with model.quantization: 4bit (QLoRA)")
+    placement.check_quantization(model_cfg)  # before any data is read: no GPU / no bitsandbytes
+
+
 def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, evaluate_before: bool = False,
           on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunResult:
     """Train an adapter as ``config`` says and write the run directory.
@@ -197,6 +209,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     """
     out = Path(config.output_dir)
     artifacts.check_output_dir(out, overwrite)
+    _check_placement(config.model)
     training = config.training
     accelerator = Accelerator(mixed_precision=mixed_precision(training), cpu=_distributed_cpu(),
                               gradient_accumulation_steps=training.gradient_accumulation_steps)
@@ -218,6 +231,9 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
 
     # model and method
     base = task.load_model(config.model, meta)
+    if config.model.quantization != "none":  # QLoRA: fp32 norms and head, inputs that carry gradients
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
     fit_embeddings(base, tokenizer)  # room for model.add_tokens (docs/big-models.md)
     options = new_token_options(config.model, spec.name, base, tokenizer, config.method.options)
     peft_config = spec.build(task.peft_task_type, base.config.model_type, options)

@@ -58,7 +58,10 @@ class Task(Protocol):
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(p for p in model.parameters()).device
+    """Where inputs go (the execution device of the first layer when accelerate placed the model)."""
+    from peftlab.placement import input_device
+
+    return input_device(model)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from peftlab.config import DataConfig, ModelConfig
 from peftlab.data import require_columns
 from peftlab.errors import DataError
 from peftlab.model import load_base
+from peftlab.tasks.base import model_device
 from peftlab.progress import warn
 
 _HEAD_NAMES = ("classifier", "score")
@@ -168,7 +169,7 @@ class SequenceClassification:
     @torch.no_grad()
     def _logits(self, model, batches):
         model.eval()
-        device = next(p for p in model.parameters()).device
+        device = model_device(model)
         all_logits, all_labels, losses = [], [], []
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
