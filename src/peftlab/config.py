@@ -39,8 +39,11 @@ class ModelConfig(_Section):
     name: str = Field(description="Hub id or local folder of the base model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of the frozen base weights; auto = float32 on CPU."
+        "auto", description="Dtype of the frozen base weights; auto = bfloat16 on a CUDA GPU with bf16 (trainable "
+                            "weights stay float32), float32 elsewhere."
     )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="Attention kernels; auto = transformers' choice (PyTorch SDPA where the model has it).")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub (off unless asked).")
     add_tokens: list[str] = Field(default_factory=list, description="New ordinary tokens for the tokenizer; the "
                                                                      "embeddings grow to fit (docs/big-models.md).")
@@ -162,6 +165,13 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     group_by_length: bool = Field(True, description="Batch rows of similar length (less padding, same data).")
+    packing: Literal["auto"] | bool = Field(
+        "auto", description="Causal LM: concatenate a batch's rows into one, without padding, attention kept inside "
+                            "each row; auto = on for weight adapters where the model keeps rows apart (checked).")
+    fused_optimizer: Literal["auto"] | bool = Field("auto", description="One fused AdamW kernel; auto = on a GPU.")
+    compile: bool = Field(False, description="torch.compile the base model (slow first steps, faster after).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                            "memory, about a third more compute.")
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision; auto = bf16 on capable GPUs, fp32 on CPU."

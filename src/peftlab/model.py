@@ -14,12 +14,13 @@ from peftlab.assets import resolve_model_name
 from peftlab.config import ModelConfig
 from peftlab.errors import ConfigError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def torch_dtype(model_cfg: ModelConfig) -> torch.dtype:
-    """The dtype the frozen base is loaded in (``auto`` = float32 for now)."""
-    return _DTYPES.get(model_cfg.dtype, torch.float32)
+    """The dtype the frozen base is loaded in (``auto``: bf16 on a CUDA GPU with bf16, else float32)."""
+    from peftlab.fastpath import base_dtype
+
+    return base_dtype(model_cfg)
 
 
 def _not_found(name: str, error: Exception) -> ConfigError:
@@ -87,6 +88,7 @@ def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transf
                 revision=model_cfg.revision,
                 trust_remote_code=model_cfg.trust_remote_code,
                 dtype=torch_dtype(model_cfg),
+                **({"attn_implementation": model_cfg.attention} if model_cfg.attention != "auto" else {}),
                 **kwargs,
             )
     except (OSError, ValueError) as error:

@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from peftlab import artifacts, checkpoint, compat
+from peftlab import artifacts, checkpoint, compat, fastpath
 from peftlab.checkpoint import TrainingInterrupted, TrainingState
 from peftlab.config import RunConfig, TrainingConfig
 from peftlab.data import load_splits
@@ -75,9 +76,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
-def mixed_precision(training: TrainingConfig) -> str:
+def mixed_precision(training: TrainingConfig, base_dtype: str = "float32") -> str:
+    """accelerate's autocast setting: ``auto`` = bf16 on a CUDA GPU with bf16, or when the base is half precision."""
     if training.precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if base_dtype == "float16":
+            return "fp16"
+        return "bf16" if fastpath.cuda_bf16() or base_dtype == "bfloat16" else "no"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[training.precision]
 
 
@@ -183,6 +187,46 @@ def _resume_point(config: RunConfig, resume: bool, overwrite: bool, main_process
     return None
 
 
+def build_model(config: RunConfig, task, spec, meta: dict[str, Any], tokenizer, fast: fastpath.FastPath):
+    """The base model (in the fast path's dtype) with the technique on top: ``(peft model, base, peft config)``.
+
+    What ``train()`` trains, and what the throughput benchmark measures.
+    """
+    base = task.load_model(config.model.model_copy(update={"dtype": fast.base_dtype}), meta)
+    if config.model.quantization != "none":  # QLoRA: fp32 norms and head, inputs that carry gradients
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    fit_embeddings(base, tokenizer)  # room for model.add_tokens (docs/big-models.md)
+    options = new_token_options(config.model, spec.name, base, tokenizer, config.method.options)
+    peft_config = spec.build(task.peft_task_type, base.config.model_type, options)
+    try:
+        model = get_peft_model(base, peft_config)
+    except (ValueError, TypeError, RuntimeError) as error:
+        targets = getattr(peft_config, "target_modules", None)
+        hint = "set method.options to fit this architecture"
+        if targets:
+            hint = (f"target_modules={sorted(targets)}; this model's linear layers are named: "
+                    f"{', '.join(linear_layer_names(base))}")
+        raise PeftlabError(f'method "{spec.name}" cannot be applied to {config.model.name}: '
+                           f"{str(error).splitlines()[0]}", hint) from None
+    compat.apply_fixes(model)
+    _fast_model(model, fast, tokenizer)
+    return model, base, peft_config
+
+
+def _fast_model(model: torch.nn.Module, fast: fastpath.FastPath, tokenizer) -> None:
+    """The fast path's changes to the built peft model (fastpath.py), confirming packing on the model itself."""
+    if fast.base_dtype != "float32":
+        fastpath.upcast_trainable(model)
+    if fast.packing and not fastpath.packing_isolated(model, torch.device("cpu"), len(tokenizer)):
+        fast.packing = False
+        fast.notes.append(f"packing off: {model.config.model_type} attention is not kept inside packed rows")
+    if fast.gradient_checkpointing:
+        fastpath.enable_gradient_checkpointing(model)
+    if fast.compile:
+        fastpath.compile_base(model)
+
+
 def _check_placement(model_cfg) -> None:
     """Device maps and disk offload are for inference; a quantized base is how a big one trains."""
     from peftlab import placement
@@ -211,7 +255,15 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     artifacts.check_output_dir(out, overwrite)
     _check_placement(config.model)
     training = config.training
-    accelerator = Accelerator(mixed_precision=mixed_precision(training), cpu=_distributed_cpu(),
+    task = get_task(config.task)
+    spec = get_method(config.method.name)
+    fast = fastpath.resolve(config.model, training, packable=hasattr(task, "packed_collator"),
+                            prompt_learning=spec.prompt_learning, full=spec.name == "full")
+    precision = mixed_precision(training, fast.base_dtype)
+    # accelerate keeps one precision per process; a process that trains several runs (compare, notebooks)
+    # needs each run's own (the process group, PartialState, is kept)
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision, cpu=_distributed_cpu(),
                               gradient_accumulation_steps=training.gradient_accumulation_steps)
     main_process = accelerator.is_main_process
     emit = (on_event if main_process else None) or (lambda kind, data: None)
@@ -220,8 +272,6 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     set_seed(training.seed)
 
     # data and task
-    task = get_task(config.task)
-    spec = get_method(config.method.name)
     task.check_model(load_model_config(config.model), config.model.name)
     tokenizer = load_tokenizer(config.model)
     with accelerator.main_process_first():  # the others then reuse the main process's dataset cache
@@ -230,27 +280,10 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     main_metric = training.metric_for_best or task.main_metric(meta)
 
     # model and method
-    base = task.load_model(config.model, meta)
-    if config.model.quantization != "none":  # QLoRA: fp32 norms and head, inputs that carry gradients
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    fit_embeddings(base, tokenizer)  # room for model.add_tokens (docs/big-models.md)
-    options = new_token_options(config.model, spec.name, base, tokenizer, config.method.options)
-    peft_config = spec.build(task.peft_task_type, base.config.model_type, options)
-    try:
-        model = get_peft_model(base, peft_config)
-    except (ValueError, TypeError, RuntimeError) as error:
-        targets = getattr(peft_config, "target_modules", None)
-        hint = "set method.options to fit this architecture"
-        if targets:
-            hint = (f"target_modules={sorted(targets)}; this model's linear layers are named: "
-                    f"{', '.join(linear_layer_names(base))}")
-        raise PeftlabError(f'method "{spec.name}" cannot be applied to {config.model.name}: '
-                           f"{str(error).splitlines()[0]}", hint) from None
-    compat.apply_fixes(model)
+    model, base, peft_config = build_model(config, task, spec, meta, tokenizer, fast)
     trainable, total = count_parameters(model)
 
-    notes: list[str] = []
+    notes: list[str] = list(fast.notes)
     reserved = getattr(peft_config, "num_virtual_tokens", 0) if spec.prompt_learning else 0
     max_length = min(config.data.max_length, max_positions(base.config, tokenizer) - reserved)
     if max_length < config.data.max_length:
@@ -263,10 +296,12 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                            training.group_by_length)
     # its own generator: starting an epoch must not draw from the global RNG (dropout), or a resumed run diverges
     train_loader = DataLoader(train_set, batch_size=training.batch_size, sampler=sampler,
-                              collate_fn=task.collator(tokenizer), generator=torch.Generator().manual_seed(training.seed))
+                              collate_fn=task.packed_collator(tokenizer) if fast.packing else task.collator(tokenizer),
+                              generator=torch.Generator().manual_seed(training.seed))
 
     # optimisation
-    optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
+    optimizer = fastpath.optimizer(_param_groups(model, training.weight_decay), training.learning_rate,
+                                   fast.fused_optimizer)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / training.gradient_accumulation_steps))
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
@@ -329,6 +364,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
             emit("initial", initial)
 
         model.train()
+        static_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         started, seconds_before = time.perf_counter(), state.seconds
 
         def elapsed() -> float:  # training time, including the time before a resume
@@ -393,6 +429,9 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                     if state.batch:
                         state.epoch, state.batch = state.epoch + 1, 0
             train_seconds = elapsed()
+            hint = fastpath.batch_size_hint(training.batch_size, static_bytes) if main_process else None
+            if hint:
+                notes.append(hint)
             if state.step not in evaluated:
                 run_eval()
 
@@ -411,7 +450,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                 "task": config.task, "method": spec.name, "meta": meta, "main_metric": main_metric,
                 "trainable_params": trainable, "total_params": total, "train_seconds": round(train_seconds, 2),
                 "steps": state.step, "kept": {"which": training.keep, **{k: final[k] for k in ("step", "epoch")}},
-                "max_length": max_length, "precision": mixed_precision(training),
+                "max_length": max_length, "precision": precision, "fast_path": fast.record(),
                 "num_processes": accelerator.num_processes, "notes": notes,
             }
             artifacts.save_run(staging, unwrapped, tokenizer, config, record,

@@ -145,6 +145,10 @@ class CausalLM:
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
+    def packed_collator(self, tokenizer):
+        """A batch's rows as one row without padding; position ids restart per row (fastpath.packing)."""
+        return _PackedCollator()
+
     # --- model, evaluation, prediction ---------------------------------------------------
 
     def load_model(self, model, meta):
@@ -178,3 +182,17 @@ class CausalLM:
 
     def meta_from_adapter(self, tensors, base_config):
         return {"mode": "text", "label_like": False, "targets": []}
+
+
+class _PackedCollator:
+    """transformers' DataCollatorWithFlattening over the encoded columns it needs."""
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self._flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+
+    def __call__(self, rows):
+        batch = self._flatten([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        batch["use_cache"] = False  # transformers keeps packed rows apart only without a KV cache
+        return batch
