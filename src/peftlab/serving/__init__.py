@@ -65,6 +65,9 @@ def serve(base: str, adapters: dict[str, str | Path] | None = None, *, host: str
     import uvicorn
 
     server = create_server(base, adapters, **options)
+    names = ", ".join(server.registry.names())
+    print(f"peftlab serve: {server.registry.task.name} on {base}; models: {names}; page http://{host}:{port}/",
+          flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 

@@ -265,7 +265,7 @@ def create_app(server: Server) -> FastAPI:
         loc = [p for p in loc if not p.startswith(("list[", "str", "int", "float", "bool", "function-"))]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
-            message = "the body is not valid JSON"
+            message, param = "the body is not valid JSON", None
         elif first.get("type") == "missing":
             message = f"missing required field: {param}"
         elif first.get("type") == "model_attributes_type" or (not loc and first.get("type", "").endswith("_type")):

@@ -142,13 +142,13 @@ class Batcher:
 
                 _fail(job, AdapterNotFound(f'the adapter "{job.adapter.name}" was deleted'))
             else:
-                buckets.setdefault(self._bucket(job), []).append(job)
+                for i in range(len(job.items)):
+                    buckets.setdefault(self._bucket(job, i), []).append((job, i))
         for key in [k for k in buckets if k[1] == "base"]:  # the bare base joins a mixed pass when there is one
             mixed = next((k for k in buckets if k[0] == key[0] and k[1] == "mix" and k[3:] == key[3:]), None)
             if mixed is not None:
                 buckets[mixed].extend(buckets.pop(key))
-        for key, bucket in buckets.items():
-            rows = [(job, i) for job in bucket for i in range(len(job.items))]
+        for key, rows in buckets.items():
             for start in range(0, len(rows), self.max_batch):
                 chunk = rows[start:start + self.max_batch]
                 try:
@@ -168,15 +168,19 @@ class Batcher:
             except Exception as error:  # noqa: BLE001
                 _fail(job, error)
 
-    def _bucket(self, job: Job) -> tuple:
+    def _bucket(self, job: Job, row: int) -> tuple:
         adapter = job.adapter
         kind = "cls" if job.kind == "classify" else "gen"
         if adapter.group is None:
             where: tuple = ("base", None)
         elif self.registry.mixed_batches and adapter.group.mixable:
             where = ("mix", id(adapter.group))
+        elif adapter.group.prompt_learning and kind == "gen" and not self.registry.encoder_decoder:
+            # peft drops position ids for prompt learning, so left padding would shift a row's positions:
+            # only prompts of one length share a pass (the result is then the row's own)
+            where = ("one", adapter.name, len(job.items[row]))
         else:
-            where = ("one", adapter.name)
+            where = ("one", adapter.name, None)
         options = ()
         if job.decoding is not None:
             d = job.decoding
@@ -286,7 +290,8 @@ def _resolve(job: Job, value: Any) -> None:
         if not job.future.done():
             job.future.set_result(value)
 
-    job.loop.call_soon_threadsafe(set_result)
+    if job.future is not None and job.loop is not None and not job.loop.is_closed():
+        job.loop.call_soon_threadsafe(set_result)
 
 
 def _fail(job: Job, error: BaseException) -> None:
