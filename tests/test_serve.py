@@ -221,6 +221,7 @@ def test_adapters_load_and_unload_at_run_time(cls_server, adapters, tmp_path):
     _assert_error(http.post("/v1/adapters", json={"name": "../x", "path": "cls-a"}), 400, "name")
     _assert_error(http.post("/v1/adapters", json={"name": "x", "path": 3}), 400, "path")
     _assert_error(http.post("/v1/adapters", json={"name": "x", "path": "lm"}), 404)
+    _assert_error(http.post("/v1/adapters", json={"name": "x", "path": "lm-a"}), 400, "does not fit")
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["base", "cls-a", "cls-b", "cls-ia3"]
 
 
@@ -244,6 +245,8 @@ def test_bad_classification_requests_get_4xx_and_the_server_lives(cls_server):
     _assert_error(http.post("/v1/completions", json={"model": "cls-a", "prompt": "x"}), 400, "/v1/classify")
     _assert_error(http.get("/v1/nothing"), 404, "no such endpoint")
     _assert_error(http.get("/v1/classify"), 405)
+    _assert_error(http.post("/v1/classify", content=b"x" * (5 << 20), headers={"content-type": "application/json"}),
+                  413, "larger")
     health = http.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert http.post("/v1/classify", json={"model": "cls-a", "input": "golf great"}).status_code == 200

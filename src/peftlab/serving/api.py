@@ -37,6 +37,7 @@ class Limits:
     max_tokens: int = 256  # new tokens one request may ask for
     max_input_chars: int = 20_000  # per text, checked before tokenizing
     max_inputs: int = 64  # texts per request (classification inputs, completion prompts)
+    max_body_bytes: int = 4 * 1024 * 1024  # a request body beyond this is refused (413) before it is read
     retry_after_s: int = 1
 
 
@@ -246,6 +247,14 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="peftlab serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = server
     registry, metrics = server.registry, server.metrics
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > server.limits.max_body_bytes):
+            return _error(413, f"the request body is larger than {server.limits.max_body_bytes} bytes",
+                          code="request_too_large")
+        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
