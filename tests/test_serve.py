@@ -432,3 +432,29 @@ def test_page_classifies_and_generates_in_headless_chromium(cls_server, lm_serve
     dom = _page_dom(f"{lm_server.url}/?model=lm-a&input={quote(TEXTS[1])}&max_tokens=4&run=1", tmp_path / "p2")
     assert 'data-state="done"' in dom, dom[-2000:]
     assert f'<div id="generated">{text}</div>' in dom
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def test_serve_command_refuses_bad_options_in_one_line(capsys, monkeypatch, tiny_models, adapters, tiny_lms):
+    import sys
+
+    from peftlab import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["peftlab", "serve", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        return exit_info.value.code, capsys.readouterr().err
+
+    bert = str(tiny_models["bert"])
+    code, err = run("--base", bert, "--adapter", "no-equals-sign")
+    assert code == 2 and "is not NAME=DIR" in err and "Traceback" not in err
+    code, err = run("--base", bert, "--adapter", f"a={adapters['cls-a']}", "--adapter", f"a={adapters['cls-b']}")
+    assert code == 2 and 'two adapters named "a"' in err
+    code, err = run("--base", bert, "--adapter", f"a={adapters['cls-a']}", "--adapter", f"b={adapters['s2s']}")
+    assert code == 2 and "does not fit" in err
+    code, err = run("--base", str(tiny_lms["llama"]), "--adapter", f"a={adapters['cls-a']}")
+    assert code == 2 and "does not fit" in err
+    code, err = run("--base", bert)
+    assert code == 2 and "--task" in err
