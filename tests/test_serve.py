@@ -369,6 +369,7 @@ def test_bad_generation_requests_get_4xx_and_the_server_lives(lm_server):
     _assert_error(post({"model": "lm-a", "prompt": "x", "max_tokens": 0}), 400, "max_tokens")
     _assert_error(post({"model": "lm-a", "prompt": "x", "temperature": -1}), 400, "temperature")
     _assert_error(post({"model": "lm-a", "prompt": "x", "stop": 5}), 400, "stop")
+    _assert_error(post({"model": "lm-a", "prompt": "x", "stream": "yes"}), 400, "stream")
     _assert_error(post({"model": "lm-a", "prompt": "  "}), 400, "empty")
     _assert_error(post({"model": "lm-a", "prompt": None}), 400, "prompt")
     _assert_error(post({"model": "lm-a", "prompt": "great " * 40}), 400, "tokens")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from peftlab.serving.metrics import Metrics
 from peftlab.serving.registry import AdapterConflict, AdapterForbidden, AdapterNotFound, Registry, ServedAdapter
 
 log = logging.getLogger("peftlab.serve")
+_TYPE_NAME = re.compile(r"(str|int|float|bool|none|(list|dict|tuple)\[.*\]|(function|constrained)-.*)")
 Number = Union[StrictFloat, StrictInt]
 
 
@@ -271,7 +273,7 @@ def create_app(server: Server) -> FastAPI:
         first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         # a union's branch names ("str", "list[str]") say nothing to a client
-        loc = [p for p in loc if not p.startswith(("list[", "str", "int", "float", "bool", "function-"))]
+        loc = [p for p in loc if not _TYPE_NAME.fullmatch(p)]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             message, param = "the body is not valid JSON", None

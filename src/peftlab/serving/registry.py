@@ -87,7 +87,7 @@ class ServedAdapter:
     def describe(self) -> dict[str, Any]:
         info = {"task": self.source.task.name, "method": self.method, "path": str(self.path) if self.group else None,
                 "mixed_batches": self.mixable}
-        if self.source.task.name == "seq-cls":
+        if self.source.task.name == "seq-cls" and self.group is not None:  # the bare base has no trained head
             info["labels"] = list(self.meta["labels"])
             info["text_pair"] = bool(self.data.text_pair_column)
         return info
