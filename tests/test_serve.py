@@ -255,10 +255,10 @@ def test_bad_classification_requests_get_4xx_and_the_server_lives(cls_server):
 
 def test_full_queue_answers_503_with_retry_after(cls_server):
     batcher = cls_server.server.batcher
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
     old = batcher.queue.maxsize
-    batcher.queue.put(Job(kind="control", call=lambda: gate.wait(30)))  # holds the worker
-    time.sleep(0.2)
+    batcher.queue.put(Job(kind="control", call=lambda: (entered.set(), gate.wait(30))))  # holds the worker
+    assert entered.wait(30)
     batcher.queue.maxsize = 2
     try:
         body = {"model": "cls-a", "input": "golf great"}
