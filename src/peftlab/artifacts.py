@@ -262,10 +262,13 @@ def _normalise(key: str) -> str:
     return key.replace(".default", "")
 
 
-def _check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Path, base: str) -> None:
+def check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Path, base: str,
+                 adapter_name: str = "default") -> None:
+    """Every stored tensor of the adapter has a counterpart of the same shape in the loaded model."""
     with warnings.catch_warnings():  # peft notes that it would save a resized embedding: not a save here
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
-        live = {_normalise(k): tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        live = {_normalise(k): tuple(v.shape) for k, v in state.items()}
     for key, shape in shapes.items():
         have = live.get(_normalise(key))
         if have is None or have != shape:
@@ -312,13 +315,25 @@ def _placement_kwargs(base_model: PreTrainedModel, model_cfg: ModelConfig) -> di
     return kwargs
 
 
-def load_adapter(path: str | Path, base: str | None = None, device: str | None = None,
-                 model_options: dict[str, Any] | None = None) -> LoadedAdapter:
-    """Load an adapter directory (peftlab's or plain peft's) onto its base model.
+@dataclass
+class AdapterSource:
+    """What an adapter directory holds, read and checked before any weights load."""
 
-    ``model_options`` override the run's ``model:`` settings for loading, e.g. a
-    ``device_map`` / ``max_memory`` / ``offload_folder`` for a base bigger than memory, or
-    ``quantization`` (docs/big-models.md).
+    path: Path
+    peft_config: PeftConfig
+    shapes: dict[str, tuple[int, ...]]  # stored tensor name -> shape
+    task: Any  # peftlab.tasks.base.Task
+    meta: dict[str, Any]
+    config: RunConfig | None  # None for adapters made with plain peft
+    model_config: ModelConfig
+    record: dict[str, Any]
+
+
+def read_adapter(path: str | Path, base: str | None = None,
+                 model_options: dict[str, Any] | None = None) -> AdapterSource:
+    """Read an adapter directory (peftlab's or plain peft's): configs, tensor shapes, task, base; no weights.
+
+    ``model_options`` override the run's ``model:`` settings for loading (placement, quantization).
     """
     from peftlab.tasks import PEFT_TASK_TYPES, get_task
 
@@ -360,8 +375,28 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         except ValidationError as error:
             raise ConfigError(f"invalid model options: {readable_error(error, ModelConfig, 'model.')}") from None
     check_base(path, model_cfg, record.get("base") or _original_base(peft_config, model_cfg))
-    has_tokenizer = (path / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(model_cfg, str(path) if has_tokenizer else None)
+    return AdapterSource(path=path, peft_config=peft_config, shapes=shapes, task=task, meta=meta, config=config,
+                         model_config=model_cfg, record=record)
+
+
+def load_tokenizer_of(source: AdapterSource) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the adapter, or its base model's."""
+    has_tokenizer = (source.path / "tokenizer_config.json").is_file()
+    return load_tokenizer(source.model_config, str(source.path) if has_tokenizer else None)
+
+
+def load_adapter(path: str | Path, base: str | None = None, device: str | None = None,
+                 model_options: dict[str, Any] | None = None) -> LoadedAdapter:
+    """Load an adapter directory (peftlab's or plain peft's) onto its base model.
+
+    ``model_options`` override the run's ``model:`` settings for loading, e.g. a
+    ``device_map`` / ``max_memory`` / ``offload_folder`` for a base bigger than memory, or
+    ``quantization`` (docs/big-models.md).
+    """
+    source = read_adapter(path, base, model_options)
+    path, peft_config, shapes, task, meta = source.path, source.peft_config, source.shapes, source.task, source.meta
+    config, model_cfg, record = source.config, source.model_config, source.record
+    tokenizer = load_tokenizer_of(source)
     base_model: PreTrainedModel = task.load_model(model_cfg, meta)
     # added tokens: the base grows to the vocabulary the adapter was trained with, before peft attaches it
     fit_embeddings(base_model, tokenizer, (record.get("base") or {}).get("vocab_size"))
@@ -377,7 +412,7 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
             f"the adapter in {path} does not fit the base model {model_cfg.name}: {problem}",
             "it was made for a different base model; pass the right one with --base",
         ) from None
-    _check_loaded(model, shapes, path, model_cfg.name)
+    check_loaded(model, shapes, path, model_cfg.name)
     compat.apply_fixes(model)
     if device and not placement.device_map_of(model):
         model.to(device)

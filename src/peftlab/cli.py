@@ -328,6 +328,48 @@ def combine(
     out.print(f"combined {len(adapter_dirs)} adapters ({combination}) into {escape(str(path))}", highlight=False)
 
 
+def _named_dirs(values: list[str]) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise PeftlabError(f'--adapter "{value}" is not NAME=DIR', "e.g. --adapter sentiment=runs/sst2")
+        if name in named:
+            raise PeftlabError(f'two adapters named "{name}"', "give each --adapter its own name")
+        named[name] = path
+    return named
+
+
+@app.command()
+def serve(
+    base: Annotated[str, typer.Option(help="The base model (Hub id or folder), loaded once.")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="NAME=DIR: serve the adapter in "
+                                                                                  "DIR as model NAME (repeatable).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    task: Annotated[Optional[str], typer.Option(help="Task family when no --adapter is given (seq-cls, seq2seq, "
+                                                     "causal-lm).")] = None,
+    adapter_root: Annotated[Optional[Path], typer.Option(help="Allow POST /v1/adapters to load adapter folders "
+                                                              "under this folder (off without it).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most rows in one forward pass.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long to collect requests into a batch.")] = 5.0,
+    queue_size: Annotated[int, typer.Option(min=1, help="Waiting requests beyond which the server answers "
+                                                        "503.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens one request may ask for.")] = 256,
+    mixed_batches: Annotated[bool, typer.Option(help="Put requests for different LoRA adapters into one forward "
+                                                     "pass (--no-mixed-batches: one adapter per pass).")] = True,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: where it loads).")] = None,
+) -> None:
+    """Serve many adapters on one base model over HTTP (OpenAI-compatible completions, classification)."""
+    from peftlab.serving import serve as run
+
+    adapters = _named_dirs(list(adapter or []))
+    err.print(f"peftlab serve: loading {base} and {len(adapters)} adapter(s) ...", highlight=False)
+    run(base, adapters, host=host, port=port, task=task, adapter_root=adapter_root, device=device,
+        mixed_batches=mixed_batches, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+        max_tokens=max_tokens)
+
+
 def main() -> None:
     """Entry point: user errors become one readable message and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,7 +17,10 @@ from peftlab.model import max_positions
 
 
 def data_config(loaded: LoadedAdapter, file: str | None, overrides: list[str] | None) -> DataConfig:
-    """The run's data config (or defaults for plain peft adapters), with overrides."""
+    """The run's data config (or defaults for plain peft adapters), with overrides.
+
+    ``loaded``: anything with the adapter's ``config`` and ``path`` (a LoadedAdapter or an AdapterSource).
+    """
     raw = loaded.config.data.model_dump() if loaded.config else {}
     if file:
         raw.update(builtin=None, dataset=None, train_file=file, validation_file=None, test_file=None,
@@ -39,11 +42,16 @@ def _with_overrides(raw: dict[str, Any], overrides: list[str] | None) -> DataCon
         raise ConfigError(f"invalid data options: {readable_error(error, DataConfig, 'data.')}") from None
 
 
+def input_limit(record: dict[str, Any], data: DataConfig, peft_config, model_config, tokenizer) -> int:
+    """Longest input in tokens: the run's max_length, or what the model takes less any virtual tokens."""
+    if "max_length" in record:
+        return min(data.max_length, record["max_length"])
+    reserved = getattr(peft_config, "num_virtual_tokens", 0) or 0
+    return min(data.max_length, max_positions(model_config, tokenizer) - reserved)
+
+
 def _max_length(loaded: LoadedAdapter, data: DataConfig) -> int:
-    if "max_length" in loaded.record:
-        return min(data.max_length, loaded.record["max_length"])
-    reserved = getattr(loaded.model.active_peft_config, "num_virtual_tokens", 0) or 0
-    return min(data.max_length, max_positions(loaded.model.config, loaded.tokenizer) - reserved)
+    return input_limit(loaded.record, data, loaded.model.active_peft_config, loaded.model.config, loaded.tokenizer)
 
 
 def _dataset(loaded: LoadedAdapter, data: DataConfig, file: str | None, split: str) -> datasets.Dataset:
@@ -100,11 +108,17 @@ def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None 
                 for t, p in zip(texts, pairs or [None] * len(texts))]
     else:
         raise ConfigError("nothing to predict", "pass --text \"...\" (repeatable) or --file FILE")
-    decoding = loaded.config.generation if loaded.config else GenerationConfig()
+    decoding = decoding_options(loaded.config, generation)
+    return loaded.task.predict(loaded.model, loaded.tokenizer, rows, cfg, loaded.meta, _max_length(loaded, cfg),
+                               batch_size, decoding)
+
+
+def decoding_options(config, generation: dict[str, Any] | None) -> GenerationConfig:
+    """The run's decoding settings (``config``: its RunConfig or None), with ``generation`` on top."""
+    decoding = config.generation if config else GenerationConfig()
     if generation:
         try:
             decoding = GenerationConfig.model_validate({**decoding.model_dump(), **generation})
         except ValidationError as error:
             raise ConfigError(f"invalid generation options: {readable_error(error, GenerationConfig)}") from None
-    return loaded.task.predict(loaded.model, loaded.tokenizer, rows, cfg, loaded.meta, _max_length(loaded, cfg),
-                               batch_size, decoding)
+    return decoding

@@ -87,18 +87,32 @@ class CausalLM:
                 {"role": "user", "content": row[data.text_column]}]
             if history and history[-1].get("role") == "assistant":
                 history = history[:-1]
-            if not tokenizer.chat_template:
-                raise ConfigError("chat messages need a tokenizer with a chat template",
-                                  "use a chat model, or a completion column with data.prompt_template")
-            return tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+            return self.chat_text(history, tokenizer)
         return gen.source_text(row, data)
 
-    def _prompt_ids(self, prompts: list[str], tokenizer, budget: int) -> list[list[int]]:
+    @staticmethod
+    def chat_text(history: list[dict], tokenizer) -> str:
+        """A conversation rendered by the tokenizer's chat template, ending with the assistant's turn."""
+        if not tokenizer.chat_template:
+            raise ConfigError("chat messages need a tokenizer with a chat template",
+                              "use a chat model, or a completion column with data.prompt_template")
+        return tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+
+    def _prompt_ids(self, prompts: list[str], tokenizer, budget: int | None) -> list[list[int]]:
         bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
         out = []
         for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]:
-            out.append(bos + ids[-max(1, budget - len(bos)):])  # keep the end of a long prompt
+            out.append(bos + (ids if budget is None else ids[-max(1, budget - len(bos)):]))  # keep a long prompt's end
         return out
+
+    def prompts(self, rows, tokenizer, data, max_length: int | None) -> tuple[list[str], list[list[int]]]:
+        """Rows -> prompt texts and their token ids (longer ones keep their end; ``None``: not cut)."""
+        texts = [self._prompt(r, data, tokenizer) for r in rows]
+        return texts, self._prompt_ids(texts, tokenizer, max_length)
+
+    def prompt_ids(self, texts: list[str], tokenizer, max_length: int | None) -> list[list[int]]:
+        """Already rendered prompt texts (e.g. a chat) -> token ids, as for rows."""
+        return self._prompt_ids(texts, tokenizer, max_length)
 
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
         dataset = gen.labels_as_text(dataset, data)
@@ -174,10 +188,9 @@ class CausalLM:
         return {**metrics, **gen.text_metrics(predictions, references, meta.get("label_like", False))}
 
     def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
-        texts = [self._prompt(r, data, tokenizer) for r in rows]
+        texts, ids = self.prompts(rows, tokenizer, data, max_length)
         kwargs = gen.generation_kwargs(generation, data.target_max_length, tokenizer)
-        outputs = gen.generate(model, tokenizer, self._prompt_ids(texts, tokenizer, max_length), batch_size, kwargs,
-                               decoder_only=True)
+        outputs = gen.generate(model, tokenizer, ids, batch_size, kwargs, decoder_only=True)
         return [{"text": t, "generated": o} for t, o in zip(texts, outputs)]
 
     def meta_from_adapter(self, tensors, base_config):

@@ -116,16 +116,24 @@ class _StopOnText(StoppingCriteria):
 
 
 @torch.no_grad()
-def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], batch_size: int,
-             kwargs: dict[str, Any], decoder_only: bool) -> list[str]:
-    """Generate for token-id prompts in batches; returns only the new text (cut at a stop string), stripped."""
+def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], batch_size: int,
+                    kwargs: dict[str, Any], decoder_only: bool, adapter_names: list[str] | None = None,
+                    limits: list[int] | None = None, streamer=None) -> list[list[int]]:
+    """The new token ids per prompt, generated in batches, up to and including the first EOS.
+
+    ``adapter_names``: one per prompt, for a batch that mixes LoRA adapters (peft's ``adapter_names``;
+    ``"__base__"`` is the bare base). ``limits``: at most this many new tokens for each row (the batch
+    generates the largest; greedy rows equal a generation of their own length). ``streamer``: a
+    transformers streamer (one prompt per batch).
+    """
     kwargs = dict(kwargs)
     stop = kwargs.pop("stop", None)
     model.eval()
     device = model_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left" if decoder_only else "right"
-    outputs: list[str] = []
+    eos = tokenizer.eos_token_id
+    outputs: list[list[int]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
@@ -134,17 +142,39 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]
             if stop:
                 prompt_length = batch["input_ids"].shape[1] if decoder_only else 0
                 extra["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, stop, prompt_length)])
+            if adapter_names is not None:
+                extra["adapter_names"] = adapter_names[start:start + batch_size]
+            if limits is not None:
+                extra["max_new_tokens"] = max(limits[start:start + batch_size])
+            if streamer is not None:
+                extra["streamer"] = streamer
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       pad_token_id=tokenizer.pad_token_id, **kwargs, **extra)
-            if decoder_only:
-                generated = generated[:, batch["input_ids"].shape[1]:]
-            for text in tokenizer.batch_decode(generated, skip_special_tokens=True):
-                for marker in stop or []:
-                    text = text.split(marker)[0]
-                outputs.append(text.strip())
+                                       pad_token_id=tokenizer.pad_token_id, **{**kwargs, **extra})
+            generated = generated[:, batch["input_ids"].shape[1]:] if decoder_only else generated[:, 1:]
+            for i, row in enumerate(generated.tolist()):
+                if limits is not None:
+                    row = row[:limits[start + i]]
+                if eos is not None and eos in row:
+                    row = row[:row.index(eos) + 1]
+                outputs.append(row)
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def finish_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: list[str] | None) -> str:
+    """Generated token ids -> the text a user sees: special tokens dropped, cut at a stop string, stripped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for marker in stop or []:
+        text = text.split(marker)[0]
+    return text.strip()
+
+
+def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], batch_size: int,
+             kwargs: dict[str, Any], decoder_only: bool) -> list[str]:
+    """Generate for token-id prompts in batches; returns only the new text (cut at a stop string), stripped."""
+    tokens = generate_tokens(model, tokenizer, prompts, batch_size, kwargs, decoder_only)
+    return [finish_text(tokenizer, ids, kwargs.get("stop")) for ids in tokens]
 
 
 # --- metrics ---------------------------------------------------------------------------

@@ -78,11 +78,20 @@ class Seq2Seq:
                 **gen.text_metrics(predictions, references, meta.get("label_like", False))}
 
     def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
-        sources = [gen.source_text(r, data) for r in rows]
-        prompts = tokenizer(sources, max_length=max_length, truncation=True)["input_ids"]
+        sources, prompts = self.prompts(rows, tokenizer, data, max_length)
         kwargs = gen.generation_kwargs(generation, data.target_max_length, tokenizer)
         outputs = gen.generate(model, tokenizer, prompts, batch_size, kwargs, decoder_only=False)
         return [{"text": s, "generated": o} for s, o in zip(sources, outputs)]
+
+    def prompts(self, rows, tokenizer, data, max_length: int | None) -> tuple[list[str], list[list[int]]]:
+        """Rows -> source texts and their token ids (cut at ``max_length``; ``None``: not cut)."""
+        sources = [gen.source_text(r, data) for r in rows]
+        return sources, self.prompt_ids(sources, tokenizer, max_length)
+
+    def prompt_ids(self, texts: list[str], tokenizer, max_length: int | None) -> list[list[int]]:
+        if max_length is None:
+            return tokenizer(texts)["input_ids"]
+        return tokenizer(texts, max_length=max_length, truncation=True)["input_ids"]
 
     def meta_from_adapter(self, tensors, base_config):
         return {"mode": "seq2seq", "label_like": False, "targets": []}

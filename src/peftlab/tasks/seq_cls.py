@@ -203,8 +203,36 @@ class SequenceClassification:
         result["mcc"] = float(skm.matthews_corrcoef(gold, pred))
         return result
 
+    def encode_rows(self, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int | None):
+        """Texts (and pairs) -> token ids per row, cut at ``max_length`` (``None``: not cut)."""
+        enc = tokenizer(texts, pairs, truncation=max_length is not None, max_length=max_length)
+        return [{k: enc[k][i] for k in enc} for i in range(len(texts))]
+
+    def logits(self, model, tokenizer, features: list[dict], **forward_kwargs) -> torch.Tensor:
+        """One padded forward pass over encoded rows; ``forward_kwargs`` e.g. peft's ``adapter_names``."""
+        model.eval()
+        device = next(p for p in model.parameters()).device
+        batch = {k: v.to(device) for k, v in self.collator(tokenizer)(features).items()}
+        with torch.no_grad():
+            return model(**batch, **forward_kwargs).logits.float().cpu()
+
+    def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: dict[str, Any],
+               probabilities: bool = False) -> dict[str, Any]:
+        """One prediction: label and score (its probability), or a regression score; optionally every label's."""
+        record: dict[str, Any] = {"text": text}
+        if pair is not None:
+            record["text_pair"] = pair
+        if meta["regression"]:
+            record["score"] = float(row_logits[0])
+            return record
+        probs = row_logits.softmax(-1)
+        best = int(probs.argmax())
+        record.update(label=meta["labels"][best], score=float(probs[best]))
+        if probabilities:
+            record["probabilities"] = {label: float(p) for label, p in zip(meta["labels"], probs)}
+        return record
+
     def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
-        collate = self.collator(tokenizer)
         text, pair = data.text_column, data.text_pair_column
         missing = [c for c in (text, pair) if c and any(c not in r for r in rows)]
         if missing:
@@ -212,19 +240,8 @@ class SequenceClassification:
         outputs = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            enc = tokenizer([r[text] for r in chunk], [r[pair] for r in chunk] if pair else None,
-                            truncation=True, max_length=max_length)
-            batch = collate([{k: enc[k][i] for k in enc} for i in range(len(chunk))])
-            logits, _, _ = self._logits(model, [batch])
-            for row, row_logits in zip(chunk, logits):
-                record = {"text": row[text]}
-                if pair:
-                    record["text_pair"] = row[pair]
-                if meta["regression"]:
-                    record["score"] = float(row_logits[0])
-                else:
-                    probs = row_logits.softmax(-1)
-                    best = int(probs.argmax())
-                    record.update(label=meta["labels"][best], score=float(probs[best]))
-                outputs.append(record)
+            features = self.encode_rows(tokenizer, [r[text] for r in chunk], [r[pair] for r in chunk] if pair else None,
+                                        max_length)
+            for row, row_logits in zip(chunk, self.logits(model, tokenizer, features)):
+                outputs.append(self.record(row[text], row[pair] if pair else None, row_logits, meta))
         return outputs

@@ -1,0 +1,308 @@
+"""Adapters served on one base model.
+
+The base model's weights are loaded once. peft keeps one technique per ``PeftModel`` (it refuses
+to put a prefix-tuning adapter beside LoRA adapters), and a classification head has one shape
+per model, so adapters are kept in *groups*: one ``PeftModel`` per (technique, head shape), each
+over its own module tree whose frozen weights are the very tensors of the one base (shared, not
+copied). Inside a group, peft's ``load_adapter`` adds each adapter under its name.
+
+A group can *mix* when peft's ``adapter_names=[...]`` forward gives, row by row, what the
+adapter gives alone (LoRA-like layers on supported modules, heads included): this is probed
+once per adapter when it loads, not assumed. Other groups are run one adapter at a time.
+
+Every method here that changes models runs on the batcher's worker thread (or before it
+starts), never beside a forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from peftlab import compat
+from peftlab.artifacts import AdapterSource, check_loaded, load_tokenizer_of, read_adapter
+from peftlab.config import DataConfig, GenerationConfig, ModelConfig
+from peftlab.errors import AdapterError, ConfigError, PeftlabError
+from peftlab.inference import data_config, input_limit
+from peftlab.model import embedding_rows, load_model_config, load_tokenizer, max_positions
+from peftlab.tasks import get_task
+
+BASE = "__base__"  # peft's name for the bare base in a mixed batch
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+class AdapterNotFound(PeftlabError):
+    """No adapter directory at the given place (HTTP 404)."""
+
+
+class AdapterForbidden(PeftlabError):
+    """An adapter directory outside the allowed root, or runtime loading switched off (HTTP 403)."""
+
+
+class AdapterConflict(PeftlabError):
+    """An adapter of that name is already served (HTTP 409)."""
+
+
+@dataclass(eq=False)
+class Group:
+    """One PeftModel (one technique, one head shape) holding one or more adapters."""
+
+    key: tuple
+    model: PeftModel
+    prompt_learning: bool
+    adapters: dict[str, "ServedAdapter"] = field(default_factory=dict)
+
+    @property
+    def mixable(self) -> bool:
+        return bool(self.adapters) and all(a.mixable for a in self.adapters.values())
+
+
+@dataclass(eq=False)
+class ServedAdapter:
+    name: str
+    path: Path
+    source: AdapterSource
+    tokenizer: Any
+    data: DataConfig
+    max_length: int  # longest input in tokens
+    decoding: GenerationConfig
+    group: Group | None  # None for the bare base
+    method: str
+    mixable: bool = False
+
+    @property
+    def task(self):
+        return self.source.task
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.source.meta
+
+    def describe(self) -> dict[str, Any]:
+        info = {"task": self.source.task.name, "method": self.method, "path": str(self.path) if self.group else None,
+                "mixed_batches": self.mixable}
+        if self.source.task.name == "seq-cls" and self.group is not None:  # the bare base has no trained head
+            info["labels"] = list(self.meta["labels"])
+            info["text_pair"] = bool(self.data.text_pair_column)
+        return info
+
+
+def _share_weights(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Make ``model`` use ``reference``'s parameters and buffers wherever name, shape and dtype agree."""
+    params = dict(reference.named_parameters(remove_duplicate=False))
+    buffers = dict(reference.named_buffers(remove_duplicate=False))
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for table, source in ((module._parameters, params), (module._buffers, buffers)):
+            for name, tensor in list(table.items()):
+                other = source.get(f"{prefix}.{name}" if prefix else name)
+                if tensor is not None and other is not None and other.shape == tensor.shape \
+                        and other.dtype == tensor.dtype:
+                    table[name] = other
+
+
+class Registry:
+    """The base model, the served adapters and their groups."""
+
+    def __init__(self, base: str, task: str, *, adapter_root: str | Path | None = None, device: str | None = None,
+                 dtype: str = "auto", mixed_batches: bool = True):
+        self.model_config = ModelConfig(name=base, dtype=dtype)  # trust_remote_code stays off
+        self.task = get_task(task)
+        self.task.check_model(load_model_config(self.model_config), base)
+        self.adapter_root = Path(adapter_root).resolve() if adapter_root else None
+        self.device = device
+        self.mixed_batches = mixed_batches
+        self.tokenizer = load_tokenizer(self.model_config)
+        base_meta = {"regression": False, "labels": ["LABEL_0", "LABEL_1"], "label_kind": "index"} \
+            if self.task.name == "seq-cls" else {"mode": "text"}
+        self.base_model = self._load_base(base_meta)
+        self.encoder_decoder = bool(getattr(self.base_model.config, "is_encoder_decoder", False))
+        self.groups: list[Group] = []
+        self.adapters: dict[str, ServedAdapter] = {}
+        data = DataConfig(train_file="<inline>")
+        self.base = ServedAdapter(
+            name="base", path=Path(base), tokenizer=self.tokenizer, data=data,
+            source=AdapterSource(path=Path(base), peft_config=None, shapes={}, task=self.task, meta=base_meta,
+                                 config=None, model_config=self.model_config, record={}),
+            max_length=min(data.max_length, max_positions(self.base_model.config, self.tokenizer)),
+            decoding=GenerationConfig(), group=None, method="none")
+
+    def _load_base(self, meta: dict[str, Any]):
+        model = self.task.load_model(self.model_config, meta)
+        if self.device:
+            model.to(self.device)
+        return model.eval()
+
+    # --- lookups ---------------------------------------------------------------------
+
+    def get(self, name: str) -> ServedAdapter | None:
+        if name in ("base", self.model_config.name):
+            return self.base
+        return self.adapters.get(name)
+
+    def names(self) -> list[str]:
+        return ["base", *self.adapters]
+
+    def resolve_path(self, path: str) -> Path:
+        """A directory under the adapter root (runtime loads); anything else is refused."""
+        if self.adapter_root is None:
+            raise AdapterForbidden("loading adapters at run time is off",
+                                   "start the server with --adapter-root DIR to allow directories under DIR")
+        if not isinstance(path, str) or not path.strip() or "\x00" in path:
+            raise AdapterError("path must be a non-empty directory name under the adapter root")
+        candidate = Path(path)
+        full = (candidate if candidate.is_absolute() else self.adapter_root / candidate).resolve()
+        if full != self.adapter_root and self.adapter_root not in full.parents:
+            raise AdapterForbidden(f"{path} is outside the adapter root", "give a directory under the adapter root, "
+                                                                        "relative to it")
+        if not full.is_dir():
+            raise AdapterNotFound(f"no adapter directory {path} under the adapter root")
+        return full
+
+    # --- changes (worker thread) -----------------------------------------------------
+
+    def add(self, name: str, path: str | Path) -> ServedAdapter:
+        """Load the adapter at ``path`` as ``name`` (checks: name, task family, fit to the base)."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise AdapterError(f"invalid adapter name {name!r}", "use 1-64 letters, digits, '.', '_', ':' or '-', "
+                                                                 "starting with a letter or digit")
+        if name in self.adapters or name in ("base", self.model_config.name) or name == BASE:
+            raise AdapterConflict(f'an adapter named "{name}" is already served', "choose another name, or delete "
+                                                                                  "the served one first")
+        path = Path(path)
+        if not path.is_dir():
+            raise AdapterNotFound(f"adapter directory not found: {path}")
+        source = read_adapter(path, base=self.model_config.name)
+        source.model_config = source.model_config.model_copy(update={"trust_remote_code": False})
+        if source.task.name != self.task.name:
+            raise AdapterError(f'{path} is a {source.task.name} adapter; this server serves {self.task.name}',
+                               "serve each task family with its own server")
+        vocab = (source.record.get("base") or {}).get("vocab_size")
+        if vocab is not None and vocab != embedding_rows(self.base_model):
+            raise AdapterError(f"{path} was trained with added tokens ({vocab} embedding rows; the base has "
+                               f"{embedding_rows(self.base_model)})",
+                               "serve it with a base that already holds those tokens (peftlab merge), or use "
+                               "peftlab predict")
+        tokenizer = load_tokenizer_of(source)
+        if len(tokenizer) != len(self.tokenizer):
+            raise AdapterError(f"{path} has a tokenizer of {len(tokenizer)} tokens; the base's has {len(self.tokenizer)}",
+                               "adapters served together share the base's vocabulary")
+        peft_config = source.peft_config
+        group = self._group_for(source)
+        created = group is None
+        try:
+            if created:
+                group_base = self.task.load_model(self.model_config, source.meta)
+                _share_weights(group_base, self.base_model)
+                model = PeftModel.from_pretrained(group_base, str(path), adapter_name=name, is_trainable=False,
+                                                  config=peft_config)
+                group = Group(key=self._key(source), model=model, prompt_learning=peft_config.is_prompt_learning)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    group.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as error:
+            if not created:
+                self._drop_from_model(group, name)
+            problem = f"no match for tensor {error.args[0]}" if isinstance(error, KeyError) else \
+                str(error).splitlines()[0]
+            raise AdapterError(f"the adapter in {path} does not fit the base model {self.model_config.name}: "
+                               f"{problem}", "it was made for a different base model") from None
+        try:
+            check_loaded(group.model, source.shapes, path, self.model_config.name, adapter_name=name)
+        except AdapterError:
+            if not created:
+                self._drop_from_model(group, name)
+            raise
+        group.model.set_adapter(name)
+        compat.apply_fixes(group.model)
+        if self.device:
+            group.model.to(self.device)
+        group.model.eval()
+        data = data_config(source, "<inline>", None)
+        served = ServedAdapter(
+            name=name, path=path, source=source, tokenizer=tokenizer, data=data,
+            max_length=input_limit(source.record, data, peft_config, group.model.config, tokenizer),
+            decoding=source.config.generation if source.config else GenerationConfig(), group=group,
+            method=str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower())
+        if not group.prompt_learning:
+            served.mixable = self._mixes(group, name)
+        group.adapters[name] = served
+        if created:
+            self.groups.append(group)
+        self.adapters[name] = served
+        return served
+
+    def remove(self, name: str) -> None:
+        served = self.adapters.get(name)
+        if served is None:
+            raise AdapterNotFound(f'no adapter named "{name}"')
+        group = served.group
+        del self.adapters[name]
+        del group.adapters[name]
+        if not group.adapters:
+            self.groups.remove(group)  # its module tree goes; the shared base weights stay
+        else:
+            self._drop_from_model(group, name)
+
+    @staticmethod
+    def _drop_from_model(group: Group, name: str) -> None:
+        if name not in group.model.peft_config:
+            return
+        if group.model.active_adapter == name:
+            others = [n for n in group.model.peft_config if n != name]
+            if others:
+                group.model.set_adapter(others[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            group.model.delete_adapter(name)
+
+    def _key(self, source: AdapterSource) -> tuple:
+        head = len(source.meta["labels"]) if self.task.name == "seq-cls" else None
+        return (str(source.peft_config.peft_type), head)
+
+    def _group_for(self, source: AdapterSource) -> Group | None:
+        key = self._key(source)
+        return next((g for g in self.groups if g.key == key), None)
+
+    @torch.no_grad()
+    def _mixes(self, group: Group, name: str) -> bool:
+        """Whether a mixed batch ([name, base]) gives each row what the adapter / the base gives alone."""
+        model = group.model
+        vocab = min(len(self.tokenizer), 64)
+        ids = torch.arange(vocab - 6, vocab, dtype=torch.long).unsqueeze(0)
+        device = next(model.parameters()).device
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        if self.encoder_decoder:
+            start = model.config.decoder_start_token_id
+            start = self.tokenizer.pad_token_id if start is None else start
+            inputs["decoder_input_ids"] = torch.tensor([[start, ids[0, 0]]], device=device)
+        twice = {k: v.repeat(2, 1) for k, v in inputs.items()}
+        try:
+            mixed = model(**twice, adapter_names=[name, BASE]).logits
+            model.set_adapter(name)
+            alone = model(**inputs).logits
+            with model.disable_adapter():
+                bare = model(**inputs).logits
+        except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+            return False
+        finally:
+            model.set_adapter(name)
+        tol = dict(atol=1e-4, rtol=1e-4)
+        return bool(torch.allclose(mixed[0], alone[0], **tol) and torch.allclose(mixed[1], bare[0], **tol))
+
+
+def infer_task(adapters: dict[str, str | Path], base: str, task: str | None) -> str:
+    """The task family: given, or the first adapter's."""
+    if task:
+        get_task(task)
+        return task
+    if not adapters:
+        raise ConfigError("no adapters and no --task", "pass --adapter NAME=DIR, or --task seq-cls|seq2seq|causal-lm "
+                                                       "to serve the bare base and load adapters at run time")
+    return read_adapter(next(iter(adapters.values())), base=base).task.name
