@@ -117,3 +117,23 @@ def unwrap_modules_to_save(model: PeftModel) -> None:
             parent = root.get_submodule(parent_name) if parent_name else root
             setattr(parent, child, module.unload_and_optionally_merge_module(merge=True, safe_merge=False,
                                                                               adapter_names=None))
+
+
+# PiSSA / OLoRA conversion drops the other saved tensors
+# ------------------------------------------------------
+# peft 0.21's save_pretrained(path_initial_model_for_weight_conversion=...) replaces the saved
+# state dict by the converted LoRA tensors only (LoraModel.subtract_mutated_init returns just
+# lora_A / lora_B), so a classification head in modules_to_save is silently not saved and
+# plain peft then loads a random head. The tensors it dropped are written back unchanged.
+
+
+def restore_dropped_tensors(weights_file, expected: dict) -> list[str]:
+    """Add to the saved safetensors file every non-LoRA tensor of ``expected`` it lacks; returns their names."""
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(str(weights_file))
+    missing = [k for k in expected if k not in saved and "lora_" not in k]
+    if missing:
+        saved.update({k: expected[k].detach().to("cpu").contiguous() for k in missing})
+        save_file(saved, str(weights_file), metadata={"format": "pt"})
+    return missing
