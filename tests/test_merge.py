@@ -79,7 +79,7 @@ def test_merged_model_has_the_adapter_models_logits(tiny_models, tiny_lms, keywo
 
 
 MERGEABLE_NEW = [name for name, spec in METHODS.items() if spec.mergeable and name not in {"lora", "ia3"}]
-GENERATIVE_ARCH = {"bitfit": "qwen2"}  # BitFit needs linear layers with biases (Llama has none)
+GENERATIVE_ARCH = {"bitfit": "llama-bias"}  # BitFit needs linear layers with biases (Llama has none)
 
 
 @pytest.mark.parametrize("family", ["seq-cls", "causal-lm"])

@@ -22,7 +22,7 @@ CLASSIC = ["lora", "ia3", "prefix", "ptuning-v2", "prompt", "ptuning"]  # also o
 NEW = [name for name in METHODS if name not in CLASSIC]
 # the tiny architecture each family is tested on; a technique that cannot use it (BitFit: no biases) names another
 FAMILY_ARCH = {"seq-cls": "bert", "seq2seq": "t5", "causal-lm": "llama"}
-ARCH_FOR = {("bitfit", "seq2seq"): "bart", ("bitfit", "causal-lm"): "qwen2"}
+ARCH_FOR = {("bitfit", "seq2seq"): "bart", ("bitfit", "causal-lm"): "llama-bias"}
 PROBE = ["alpha great bravo charlie", "delta awful echo", "golf hotel india great kilo lima mike"]
 
 
@@ -101,8 +101,8 @@ def new_method_config(tiny_models, tiny_lms, keyword_data, generative_data, tmp_
         "model": {"name": str((tiny_lms if generative else tiny_models)[arch])}, "task": family,
         "method": {"name": method},
         "data": {"train_file": str(data["train"]), "validation_file": str(data["validation"]), "max_length": 32,
-                 "max_train_samples": 64, "max_eval_samples": 16},
-        "training": {"epochs": 6, "batch_size": 16, "learning_rate": LEARNING_RATES[method], "progress": False,
+                 "max_train_samples": 64 if generative else 128, "max_eval_samples": 16},
+        "training": {"epochs": 6 if generative else 8, "batch_size": 16, "learning_rate": LEARNING_RATES[method], "progress": False,
                      "seed": 0, "eval_strategy": "no", "keep": "last"},
         "output_dir": str(tmp_path / "run"),
     }

@@ -58,13 +58,14 @@ def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny random model of a real architecture (+ tokenizer) to ``folder``.
 
     ``bert`` / ``roberta``: encoders (for classification); ``t5`` / ``bart``: encoder-decoders;
-    ``llama`` / ``gpt2`` / ``qwen2``: decoder-only language models (``bart`` and ``qwen2`` have
-    biases in their linear layers, which BitFit needs).
+    ``llama`` / ``gpt2`` / ``llama-bias``: decoder-only language models (``bart`` and ``llama-bias``, a
+    Llama with biases in its projections as Qwen2 has, give BitFit biases to train; a real ``qwen2`` model type
+    would make transformers 5 rebuild the test tokenizer as Qwen2's).
     """
     import torch
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-    if arch in {"t5", "llama", "gpt2", "bart", "qwen2"}:
+    if arch in {"t5", "llama", "gpt2", "bart", "llama-bias"}:
         return _make_tiny_generative(arch, Path(folder), seed)
 
     folder = Path(folder)
@@ -90,7 +91,7 @@ def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
 def _make_tiny_generative(arch: str, folder: Path, seed: int) -> Path:
     import torch
     from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration)
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -107,11 +108,11 @@ def _make_tiny_generative(arch: str, folder: Path, seed: int) -> Path:
             encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, init_std=0.2, decoder_start_token_id=tokenizer.eos_token_id,
             forced_bos_token_id=None, forced_eos_token_id=None, **ids))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, initializer_range=0.2,
-                                             tie_word_embeddings=True, **ids))
+    elif arch == "llama-bias":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                             mlp_bias=True, max_position_embeddings=256, initializer_range=0.2,
+                                             **ids))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2,
