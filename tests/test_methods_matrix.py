@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-from peftlab import build_config, compat, load_adapter, train
+from peftlab import build_config, compat, evaluate, load_adapter, predict, train
 from peftlab.errors import MethodError
 from peftlab.methods import METHODS
 
@@ -147,6 +147,9 @@ def test_new_technique_learns_reloads_and_loads_in_plain_peft(tiny_models, tiny_
     kwargs = {"num_labels": 2} if family == "seq-cls" else {}
     if spec.full:
         plain = AUTO[family].from_pretrained(str(out), **kwargs).eval()
+        # eval and predict take the run directory like an adapter's
+        assert evaluate(out)["loss"] == pytest.approx(result.metrics["loss"], rel=1e-4)
+        assert len(predict(out, texts=PROBE[:2])) == 2
     else:
         plain = PeftModel.from_pretrained(AUTO[family].from_pretrained(str(config.model.name), **kwargs),
                                           str(out)).eval()

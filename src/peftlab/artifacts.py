@@ -184,14 +184,21 @@ def staging_dir(final: Path, overwrite: bool):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def weights_file(directory: Path) -> Path:
-    """The run's weights: the adapter, or the whole model of a full fine-tuning run."""
-    return directory / (MODEL_WEIGHTS if is_full_run(directory) else ADAPTER_WEIGHTS)
+def _model_files(directory: Path) -> list[Path]:
+    """A saved transformers model's weights: model.safetensors, or its shards (model-00001-of-00003...)."""
+    return sorted(directory.glob("model*.safetensors"))
+
+
+def weights_bytes(directory: Path) -> int:
+    """The size of the run's weights: the adapter file, or the whole model of a full fine-tuning run (0: none)."""
+    files = _model_files(directory) if is_full_run(directory) else [directory / ADAPTER_WEIGHTS]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def is_full_run(directory: Path) -> bool:
     """A full fine-tuning run directory: a plain transformers model (no adapter) with peftlab's record."""
-    return (directory / MODEL_WEIGHTS).is_file() and not (directory / ADAPTER_CONFIG).is_file()
+    return (directory / "config.json").is_file() and not (directory / ADAPTER_CONFIG).is_file() and bool(
+        _model_files(directory))
 
 
 def initial_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -253,7 +260,7 @@ def save_run(directory: Path, model: PeftModel | PreTrainedModel, tokenizer: Pre
     config.save(directory / RUN_CONFIG)
     record = {**record, "base": base_signature(base.config, embedding_rows(base)), "versions": library_versions(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "adapter_bytes": weights_file(directory).stat().st_size}
+              "adapter_bytes": weights_bytes(directory)}
     write_json(directory / RUN_RECORD, record)
     write_json(directory / METRICS, metrics)
 

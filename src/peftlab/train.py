@@ -426,7 +426,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                                state_dict=weights, initial_adapter=initial_adapter)
             if writer:
                 writer.close()
-            adapter_bytes = artifacts.weights_file(staging).stat().st_size
+            adapter_bytes = artifacts.weights_bytes(staging)
     accelerator.wait_for_everyone()
     if main_process:
         shutil.rmtree(checkpoints, ignore_errors=True)
