@@ -30,9 +30,9 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_lms(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random generative models: t5 (encoder-decoder), llama and gpt2 (decoder-only)."""
+    """Tiny random generative models: t5, bart (encoder-decoders), llama, gpt2, llama-bias (decoder-only)."""
     root = tmp_path_factory.mktemp("lms")
-    return {arch: make_tiny_model(arch, root / arch) for arch in ("t5", "llama", "gpt2")}
+    return {arch: make_tiny_model(arch, root / arch) for arch in ("t5", "llama", "gpt2", "bart", "llama-bias")}
 
 
 @pytest.fixture(scope="session")

@@ -37,11 +37,15 @@ def base_raw(tiny_models, keyword_data) -> dict:
     }
 
 
+CLASSIC = ["lora", "ia3", "prefix", "ptuning-v2", "prompt", "ptuning"]
+
+
 @pytest.fixture(scope="module")
 def all_methods(base_raw, tmp_path_factory):
-    """Every technique, two seeds: the comparison most tests read."""
+    """The six classic techniques, two seeds: the comparison most tests read (the newer techniques and full
+    fine-tuning: test_new_techniques_and_full_fine_tuning_compare)."""
     out = tmp_path_factory.mktemp("compare") / "all"
-    return compare(build_config(base_raw), seeds=[0, 1], out_dir=out, progress=False)
+    return compare(build_config(base_raw), methods=CLASSIC, seeds=[0, 1], out_dir=out, progress=False)
 
 
 def train_spy(monkeypatch, fail: dict[str, BaseException] | None = None) -> list[str]:
@@ -62,7 +66,7 @@ def train_spy(monkeypatch, fail: dict[str, BaseException] | None = None) -> list
 
 def test_every_technique_and_seed_has_a_row_with_sane_values(all_methods):
     result = all_methods
-    assert [row["name"] for row in result.rows] == [f"{m}-seed{s}" for m in METHODS for s in (0, 1)]
+    assert [row["name"] for row in result.rows] == [f"{m}-seed{s}" for m in CLASSIC for s in (0, 1)]
     assert result.ran == [row["name"] for row in result.rows] and not result.skipped and not result.failed
     for row in result.rows:
         assert row["status"] == "ok" and row["error"] is None
@@ -109,7 +113,7 @@ def test_outputs_json_csv_markdown(all_methods):
     assert int(table[0]["adapter_bytes"]) == all_methods.rows[0]["adapter_bytes"]
     markdown = (out / "results.md").read_text()
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert len(lines) == 1 + len(METHODS)  # header + one line per method (seeds averaged)
+    assert len(lines) == 1 + len(CLASSIC)  # header + one line per method (seeds averaged)
     lora = next(line for line in lines if line.startswith("| lora |"))
     mean = (all_methods.rows[0]["main_value"] + all_methods.rows[1]["main_value"]) / 2
     assert f"{mean:.4f} ± " in lora and "(n=2)" in lora
@@ -227,9 +231,37 @@ def test_bad_override_values_fail_before_any_training(base_raw, tmp_path, monkey
     with pytest.raises(ConfigError, match="^prompt: invalid config:.*batch_size"):
         compare(build_config(base_raw), methods=["lora", "prompt"], out_dir=tmp_path / "cmp", progress=False,
                 method_overrides=parse_method_overrides(["prompt:training.batch_size=0"]))
-    with pytest.raises(MethodError, match='unknown method "full"'):
-        compare(build_config(base_raw), methods=["full"], out_dir=tmp_path / "cmp", progress=False)
+    with pytest.raises(MethodError, match='unknown method "ful" \\(did you mean "full"\\?\\)'):
+        compare(build_config(base_raw), methods=["ful"], out_dir=tmp_path / "cmp", progress=False)
     assert calls == [] and not (tmp_path / "cmp").exists()
+
+
+def test_every_registered_method_is_compared_by_default_with_its_own_learning_rate(base_raw, tmp_path):
+    runs = plan_runs(build_config(base_raw), tmp_path)
+    assert [run.method for run in runs] == list(METHODS)
+    assert set(DEFAULT_LEARNING_RATES) == set(METHODS)  # a new technique gets a deliberate default rate
+    assert all(run.learning_rate == DEFAULT_LEARNING_RATES[run.method] for run in runs)
+
+
+NEW_IN_COMPARE = ["dora", "lora-plus", "pissa", "adalora", "vera", "ln-tuning", "bitfit", "full"]
+
+
+def test_new_techniques_and_full_fine_tuning_compare(base_raw, tmp_path):
+    raw = {**base_raw, "training": {**base_raw["training"], "eval_strategy": "no"}}
+    result = compare(build_config(raw), methods=NEW_IN_COMPARE, out_dir=tmp_path / "cmp", progress=False)
+    assert not result.failed, [row["error"] for row in result.rows if row["status"] != "ok"]
+    rows = {row["method"]: row for row in result.rows}
+    assert list(rows) == NEW_IN_COMPARE
+    full = rows.pop("full")
+    # the reference row: every weight trains, and its "adapter" is the whole model file
+    assert full["trainable_params"] == full["total_params"] and full["trainable_share"] == 1.0
+    assert full["adapter_bytes"] == (result.out_dir / full["run_dir"] / "model.safetensors").stat().st_size
+    for row in rows.values():
+        assert 0 < row["trainable_share"] < 0.5, row["method"]
+        assert row["adapter_bytes"] < full["adapter_bytes"]
+        assert (result.out_dir / row["run_dir"] / "adapter_model.safetensors").is_file()
+    assert "| full |" in (result.out_dir / "results.md").read_text()
+    assert (result.out_dir / "report.html").is_file()
 
 
 # --- the command line -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel
                           AutoTokenizer, BertConfig, BertModel)
 
 from peftlab import PeftlabError, build_config, cli, combine, load_adapter, merge, train
+from peftlab.methods import METHODS
 from peftlab.testing import make_tiny_model
 
 TEXTS = ["alpha great bravo", "delta awful echo foxtrot"]
@@ -75,6 +76,40 @@ def test_merged_model_has_the_adapter_models_logits(tiny_models, tiny_lms, keywo
         assert plain.config.label2id == {"negative": 0, "positive": 1}
     record = json.loads((merged_dir / "peftlab-merge.json").read_text())
     assert record["method"] == method and record["task"] == result.task
+
+
+MERGEABLE_NEW = [name for name, spec in METHODS.items() if spec.mergeable and name not in {"lora", "ia3"}]
+GENERATIVE_ARCH = {"bitfit": "llama-bias"}  # BitFit needs linear layers with biases (Llama has none)
+
+
+@pytest.mark.parametrize("family", ["seq-cls", "causal-lm"])
+@pytest.mark.parametrize("method", MERGEABLE_NEW)
+def test_every_mergeable_technique_merges_to_the_adapter_models_logits(tiny_models, tiny_lms, keyword_data,
+                                                                       generative_data, tmp_path, method, family):
+    """The registry's mergeable flag holds: on RoBERTa (a classification head with no `weight`) and a causal LM."""
+    arch = "roberta" if family == "seq-cls" else GENERATIVE_ARCH.get(method, "llama")
+    result = tiny_run(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path, arch, method)
+    loaded = load_adapter(result.output_dir)
+    batch = batch_for(loaded.tokenizer, loaded.model)
+    with torch.no_grad():
+        expected = loaded.model(**batch).logits
+    report = merge(result.output_dir, tmp_path / "merged")
+    assert report.max_abs_diff < 1e-4
+    plain = AUTO[result.task].from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_techniques_that_cannot_merge_are_flagged_and_refused(tiny_models, tiny_lms, keyword_data, generative_data,
+                                                               tmp_path):
+    assert {name for name, spec in METHODS.items() if not spec.mergeable} == {
+        "prefix", "ptuning-v2", "prompt", "ptuning", "full"}
+    result = tiny_run(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path, "bert", "full")
+    with pytest.raises(PeftlabError, match="full fine-tuning run: it is already a plain transformers model"):
+        merge(result.output_dir, tmp_path / "merged")
+    with pytest.raises(PeftlabError, match="full fine-tuning run, not an adapter"):
+        combine([result.output_dir, result.output_dir], tmp_path / "combined")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "combined").exists()
 
 
 def test_prompt_learning_adapter_cannot_be_merged(tiny_models, tmp_path, capsys, monkeypatch):

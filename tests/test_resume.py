@@ -65,6 +65,26 @@ def test_resumed_run_equals_the_uninterrupted_run(make_config, tmp_path):
     assert not root.exists(), "checkpoints are removed once the run is complete"
 
 
+@pytest.mark.parametrize("method,options", [("adalora", {}), ("full", {})])
+def test_resume_is_exact_for_techniques_with_their_own_loop_state(make_config, tmp_path, method, options):
+    """AdaLoRA: importance scores and rank pattern are checkpointed (spec get_state / set_state); full fine-tuning:
+    every weight and its optimizer moments."""
+    settings = {**RESUMABLE, "training.learning_rate": 2e-2 if method == "adalora" else 1e-3}
+    reference = train(make_config("bert", method, options, **settings, output_dir=tmp_path / "reference"))
+    config = make_config("bert", method, options, **settings, output_dir=tmp_path / "resumed")
+    with pytest.raises(Crash):
+        train(config, on_event=crash_at(10))
+    resumed = train(config, resume=True)
+    name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    left, right = load_file(str(reference.output_dir / name)), load_file(str(resumed.output_dir / name))
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+    assert resumed.history == reference.history
+    if method == "adalora":
+        assert resumed.model.peft_config["default"].rank_pattern == reference.model.peft_config["default"].rank_pattern
+
+
 def test_checkpoints_rotate_and_a_half_written_one_is_ignored(make_config, tmp_path):
     config = make_config("bert", "lora", **{**RESUMABLE, "training.checkpoint_every": 2,
                                             "training.checkpoint_keep": 3})

@@ -7,6 +7,12 @@
     peftlab.json                task metadata (labels), method, sizes, timing, library versions
     metrics.json                final metrics (and the per-evaluation history)
 
+Full fine-tuning (method ``full``) has no adapter: its run directory holds a plain
+transformers model (``config.json``, ``model.safetensors``) beside the same tokenizer and
+peftlab files, and :func:`load_adapter` loads it as it is. PiSSA / OLoRA adapters are saved
+converted (peft's ``path_initial_model_for_weight_conversion``): a plain LoRA of rank 2r
+that applies to the original base model.
+
 A run directory is written to a temporary sibling (``.NAME.tmp-<pid>-<hex>``) and renamed
 into place at the end, so a failed or interrupted run never leaves a half-written output
 directory; the next run into the same place removes the temporary siblings of killed runs.
@@ -48,6 +54,7 @@ from peftlab.progress import note, warn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_WEIGHTS = "model.safetensors"  # full fine-tuning: the whole model (transformers' file name)
 RUN_CONFIG = "peftlab.yaml"
 RUN_RECORD = "peftlab.json"
 METRICS = "metrics.json"
@@ -179,24 +186,83 @@ def staging_dir(final: Path, overwrite: bool):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_run(directory: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: RunConfig,
-             record: dict[str, Any], metrics: dict[str, Any],
-             state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the adapter, tokenizer, config, record and metrics into ``directory``.
+def _model_files(directory: Path) -> list[Path]:
+    """A saved transformers model's weights: model.safetensors, or its shards (model-00001-of-00003...)."""
+    return sorted(directory.glob("model*.safetensors"))
+
+
+def weights_bytes(directory: Path) -> int:
+    """The size of the run's weights: the adapter file, or the whole model of a full fine-tuning run (0: none)."""
+    files = _model_files(directory) if is_full_run(directory) else [directory / ADAPTER_WEIGHTS]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def is_full_run(directory: Path) -> bool:
+    """A full fine-tuning run directory: a plain transformers model (no adapter) with peftlab's record."""
+    return (directory / "config.json").is_file() and not (directory / ADAPTER_CONFIG).is_file() and bool(
+        _model_files(directory))
+
+
+def initial_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """A copy of the adapter's starting values (PiSSA / OLoRA), for the conversion on save."""
+    return {name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()
+            if param.requires_grad}
+
+
+def _save_converted(directory: Path, model: PeftModel, initial: dict[str, torch.Tensor]) -> None:
+    """Save a PiSSA / OLoRA adapter as a plain LoRA of the original base model (peft's conversion).
+
+    peft reads the starting adapter from a folder: it is written inside ``directory`` and
+    removed afterwards. peft 0.21's conversion keeps only the LoRA tensors, so the other saved
+    tensors (a classification head in modules_to_save) are put back (compat.py).
+    """
+    from safetensors.torch import save_file
+
+    work = directory / ".peftlab-initial"
+    start = work / "initial"
+    start.mkdir(parents=True)
+    try:
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=initial).items()},
+                  str(start / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(init_lora_weights|pissa|olora|PiSSA|OLoRA).*")
+            model.save_pretrained(str(directory), safe_serialization=True,
+                                  path_initial_model_for_weight_conversion=str(start))
+        compat.restore_dropped_tensors(directory / ADAPTER_WEIGHTS, get_peft_model_state_dict(model))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def save_run(directory: Path, model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             config: RunConfig, record: dict[str, Any], metrics: dict[str, Any],
+             state_dict: dict[str, torch.Tensor] | None = None,
+             initial_adapter: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter (or, for full fine-tuning, the model), tokenizer, config, record and metrics.
 
     ``state_dict``: the trainable weights when they had to be gathered from several processes.
+    ``initial_adapter``: PiSSA / OLoRA's starting adapter: the adapter is saved converted to a
+    plain LoRA of the original base (the model must hold the kept weights).
     """
-    # added tokens trained as rows (trainable_token_indices) are saved as those rows, not the whole resized
-    # embedding matrix peft would otherwise add; LoRA on the embeddings keeps peft's "auto" (full layers)
-    rows_only = bool(getattr(model.active_peft_config, "trainable_token_indices", None))
-    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict,
-                          save_embedding_layers=False if rows_only else "auto")
+    if not isinstance(model, PeftModel):  # full fine-tuning: a plain transformers model
+        model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
+        base = model
+    elif initial_adapter is not None:
+        _save_converted(directory, model, initial_adapter)
+        base = model.get_base_model()
+    else:
+        if state_dict is not None:  # buffers the adapter saves too (VeRA's shared projections) are not trainable
+            state_dict = {**{k: v for k, v in model.state_dict().items() if k not in state_dict}, **state_dict}
+        # added tokens trained as rows (trainable_token_indices) are saved as those rows, not the whole resized
+        # embedding matrix peft would otherwise add; LoRA on the embeddings keeps peft's "auto" (full layers)
+        rows_only = bool(getattr(model.active_peft_config, "trainable_token_indices", None))
+        model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict,
+                              save_embedding_layers=False if rows_only else "auto")
+        base = model.get_base_model()
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_CONFIG)
-    base = model.get_base_model()
     record = {**record, "base": base_signature(base.config, embedding_rows(base)), "versions": library_versions(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "adapter_bytes": (directory / ADAPTER_WEIGHTS).stat().st_size}
+              "adapter_bytes": weights_bytes(directory)}
     write_json(directory / RUN_RECORD, record)
     write_json(directory / METRICS, metrics)
 
@@ -207,7 +273,7 @@ def save_run(directory: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
 class LoadedAdapter:
     """A base model with an adapter on top, ready for evaluation or prediction."""
 
-    model: PeftModel
+    model: PeftModel  # a plain transformers model for a full fine-tuning run
     tokenizer: PreTrainedTokenizerBase
     task: Any  # peftlab.tasks.base.Task
     meta: dict[str, Any]
@@ -340,6 +406,9 @@ def read_adapter(path: str | Path, base: str | None = None,
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path}")
+    if is_full_run(path):
+        raise AdapterError(f"{path} is a full fine-tuning run: it holds a whole model, not an adapter",
+                           f"use it as a base model (e.g. peftlab serve --base {path})")
     peft_config = _peft_config(path)
     shapes = _adapter_shapes(path)
 
@@ -393,6 +462,8 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
     ``device_map`` / ``max_memory`` / ``offload_folder`` for a base bigger than memory, or
     ``quantization`` (docs/big-models.md).
     """
+    if Path(path).is_dir() and is_full_run(Path(path)):
+        return _load_full_run(Path(path), base, device, model_options)
     source = read_adapter(path, base, model_options)
     path, peft_config, shapes, task, meta = source.path, source.peft_config, source.shapes, source.task, source.meta
     config, model_cfg, record = source.config, source.model_config, source.record
@@ -422,3 +493,32 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         note(f"base model layers: {where}")
     return LoadedAdapter(model=model, tokenizer=tokenizer, task=task, meta=meta, config=config,
                          model_config=model_cfg, record=record, path=path, placement=where)
+
+
+def _load_full_run(path: Path, base: str | None, device: str | None,
+                   model_options: dict[str, Any] | None = None) -> LoadedAdapter:
+    """A full fine-tuning run: the directory is the model (no base to put an adapter on)."""
+    from peftlab.tasks import get_task
+
+    if base:
+        raise AdapterError(f"{path} is a full fine-tuning run: it holds the whole model, so --base does not apply",
+                           "leave out --base")
+    if not (path / RUN_CONFIG).is_file():
+        raise AdapterError(f"{path} holds a model but no {RUN_CONFIG}: it is not a peftlab run",
+                           "load it with transformers' from_pretrained")
+    try:
+        config = build_config(yaml.safe_load((path / RUN_CONFIG).read_text()))
+        record = json.loads((path / RUN_RECORD).read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, FileNotFoundError) as error:
+        raise AdapterError(f"peftlab's record in {path} is unreadable: {error}") from None
+    options = {k: v for k, v in (model_options or {}).items() if v is not None}
+    model_cfg = config.model.model_copy(update={"name": str(path), "revision": None, "add_tokens": [],
+                                                "add_special_tokens": {}, **options})
+    task = get_task(config.task)
+    tokenizer = load_tokenizer(model_cfg, str(path))
+    model = task.load_model(model_cfg, record["meta"])
+    if device and not placement.device_map_of(model):
+        model.to(device)
+    model.eval()
+    return LoadedAdapter(model=model, tokenizer=tokenizer, task=task, meta=record["meta"], config=config,
+                         model_config=model_cfg, record=record, path=path)

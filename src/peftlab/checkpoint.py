@@ -6,6 +6,7 @@ One checkpoint is a directory ``step-00000120/`` under the run's checkpoint dire
     trainable.safetensors   the trainable parameters (never the frozen base)
     optimizer.safetensors   the optimizer's state tensors (optimizer.json: everything else)
     best.safetensors        with keep=best: the best weights seen so far
+    method.safetensors      a technique's own loop state (AdaLoRA's importance scores; + method.json)
     rng-<rank>.safetensors  each process's random number generator states (+ rng-<rank>.json)
     state.json              step, data position, history, scheduler, scaler, the run config
 
@@ -147,7 +148,7 @@ def trainable_weights(accelerator, model: torch.nn.Module) -> dict[str, torch.Te
 
 
 def save(root: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, state: TrainingState,
-         config: RunConfig, keep: int) -> Path:
+         config: RunConfig, keep: int, spec=None) -> Path:
     """Write a checkpoint of the current step (every process calls this); returns its directory."""
     name = f"{PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{name}"
@@ -169,6 +170,10 @@ def save(root: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, 
             _write_json(tmp / "optimizer.json", opt_rest)
             if state.best_weights is not None:
                 save_file(_cpu(state.best_weights), str(tmp / "best.safetensors"))
+            if spec is not None and spec.get_state:
+                method_tensors, method_rest = spec.get_state(accelerator.unwrap_model(model))
+                save_file(_cpu(method_tensors), str(tmp / "method.safetensors"))
+                _write_json(tmp / "method.json", method_rest)
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
             _write_json(tmp / "state.json", {
                 **state.to_json(), "scheduler": scheduler.state_dict(), "scaler": scaler,
@@ -211,7 +216,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                            f"delete {path.parent} to resume from the checkpoint before it") from None
 
 
-def restore(path: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, config: RunConfig) -> TrainingState:
+def restore(path: Path, accelerator, model: torch.nn.Module, optimizer, scheduler, config: RunConfig,
+            spec=None) -> TrainingState:
     """Load a checkpoint into the prepared model, optimizer and scheduler; returns the loop state."""
     try:
         saved_state = json.loads((path / "state.json").read_text())
@@ -240,6 +246,10 @@ def restore(path: Path, accelerator, model: torch.nn.Module, optimizer, schedule
     optimizer.load_state_dict(_join_optimizer(_load_tensors(path / "optimizer.safetensors"),
                                               json.loads((path / "optimizer.json").read_text())))
     scheduler.load_state_dict(saved_state["scheduler"])
+    if spec is not None and spec.set_state and (path / "method.json").is_file():
+        spec.set_state(unwrapped, {k: v.to(accelerator.device) for k, v in
+                                   _load_tensors(path / "method.safetensors").items()},
+                       json.loads((path / "method.json").read_text()))
     if saved_state.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved_state["scaler"])
     rank = accelerator.process_index

@@ -16,8 +16,9 @@ from rich.table import Table
 from peftlab.errors import PeftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Parameter-efficient fine-tuning: train, evaluate and use LoRA, IA3, prefix, prompt "
-                       "and P-tuning adapters.")
+                  help="Parameter-efficient fine-tuning: train, evaluate and use LoRA (and DoRA, rsLoRA, LoRA+, "
+                       "PiSSA, OLoRA, AdaLoRA), IA3, LoHa, LoKr, VeRA, OFT, LayerNorm and BitFit tuning, prefix, prompt "
+                       "and P-tuning adapters, with full fine-tuning as the reference.")
 out = Console()
 err = Console(stderr=True)
 
@@ -210,28 +211,42 @@ def methods(
     from peftlab.methods import METHODS, describe, get_method
 
     if name:
-        info = describe(get_method(name), model_type)
-        out.print(f"[bold]{info['name']}[/bold]: {info['summary']}")
+        spec = get_method(name)
+        info = describe(spec, model_type)
+        out.print(f"[bold]{info['name']}[/bold] ({info['group']}): {escape(info['summary'])}")
+        out.print(f"when it helps: {info['when']}")
+        out.print(f"trains: {info['trains']}")
         out.print(f"peft config: {info['peft_config']}; prompt learning: {info['prompt_learning']}; "
                   f"mergeable: {info['mergeable']}; tasks: {', '.join(info['tasks'])}")
-        out.print(f"defaults{' for ' + model_type if model_type else ''}: {info['defaults'] or '(peft defaults)'}")
-        if not model_type and get_method(name).needs_targets:
+        if spec.linear_only:
+            out.print("layers: torch.nn.Linear only (not GPT-2-style Conv1D)")
+        out.print(escape(f"defaults{' for ' + model_type if model_type else ''}: {info['defaults'] or ('(none)' if spec.full else '(peft defaults)')}"))
+        if not model_type and spec.needs_targets and not spec.model_defaults:
             out.print("target modules: per architecture (use --model-type to see them)")
-        out.print(f"options (method.options.*): {', '.join(info['options'])}")
+        if info["options"]:
+            out.print(f"options (method.options.*): {', '.join(info['options'])}")
         return
+    from peftlab.methods import GROUPS
+
     table = Table(title="PEFT methods" + (f" (defaults for {model_type})" if model_type else ""))
     table.add_column("method", style="bold")
     table.add_column("technique")
+    table.add_column("when it helps")
     table.add_column("defaults")
-    table.add_column("kind")
     table.add_column("merge")
-    for spec in METHODS.values():
-        info = describe(spec, model_type)
-        defaults = ", ".join(f"{k}={v}" for k, v in info["defaults"].items())
-        if spec.needs_targets and not model_type:
-            defaults = ", ".join(filter(None, [defaults, "targets per architecture"]))
-        table.add_row(spec.name, spec.title, defaults or "-", "prompt" if spec.prompt_learning else "weights",
-                      "yes" if spec.mergeable else "no")
+    for group in GROUPS:
+        specs = [spec for spec in METHODS.values() if spec.group == group]
+        if not specs:
+            continue
+        table.add_section()
+        table.add_row(f"[italic]{group}[/italic]", "", "", "", "")
+        for spec in specs:
+            info = describe(spec, model_type)
+            defaults = ", ".join(f"{k}={v}" for k, v in info["defaults"].items() if k != "target_modules" or model_type)
+            if spec.needs_targets and not model_type:
+                defaults = ", ".join(filter(None, [defaults, "targets per model" if spec.model_defaults else
+                                                   "targets per architecture"]))
+            table.add_row(spec.name, spec.title, spec.when, escape(defaults) or "-", "yes" if spec.mergeable else "no")
     out.print(table)
     out.print("`peftlab methods NAME` shows one in full; --model-type shows an architecture's defaults.")
 

@@ -165,3 +165,23 @@ def redirect_offloaded_weights(model, offload_folder: str) -> None:
                     os.unlink(link)
                 os.symlink(source, link)
             entry["safetensors_file"] = link
+
+
+# PiSSA / OLoRA conversion drops the other saved tensors
+# ------------------------------------------------------
+# peft 0.21's save_pretrained(path_initial_model_for_weight_conversion=...) replaces the saved
+# state dict by the converted LoRA tensors only (LoraModel.subtract_mutated_init returns just
+# lora_A / lora_B), so a classification head in modules_to_save is silently not saved and
+# plain peft then loads a random head. The tensors it dropped are written back unchanged.
+
+
+def restore_dropped_tensors(weights_file, expected: dict) -> list[str]:
+    """Add to the saved safetensors file every non-LoRA tensor of ``expected`` it lacks; returns their names."""
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(str(weights_file))
+    missing = [k for k in expected if k not in saved and "lora_" not in k]
+    if missing:
+        saved.update({k: expected[k].detach().to("cpu").contiguous() for k in missing})
+        save_file(saved, str(weights_file), metadata={"format": "pt"})
+    return missing

@@ -1,7 +1,8 @@
 """Merging an adapter into its base, and combining adapters into one.
 
-``merge`` folds a LoRA / IA3 adapter (any technique whose peft model has
-``merge_and_unload``) into the base weights and saves a plain transformers model:
+``merge`` folds a weight adapter (LoRA and its variants, IA3, LoHa, LoKr, VeRA, OFT,
+AdaLoRA, LN tuning, BitFit: any technique whose peft model has ``merge_and_unload``) into
+the base weights and saves a plain transformers model:
 safetensors, config (for classification: the run's labels and the trained head) and
 tokenizer, loadable with ``AutoModelFor...from_pretrained`` and no peft at all.
 Prompt-learning techniques add virtual tokens rather than weights: they cannot be merged.
@@ -77,6 +78,10 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = No
     """
     out = Path(out_dir)
     artifacts.check_output_dir(out, overwrite)
+    if artifacts.is_full_run(Path(adapter_dir)):
+        raise AdapterError(f"{adapter_dir} is a full fine-tuning run: it is already a plain transformers model, "
+                           "there is no adapter to fold in", "load it directly with AutoModelFor...from_pretrained "
+                           "(or peftlab eval / predict)")
     # a QLoRA adapter merges into the unquantized base (merging into 4-bit weights would round the update away)
     loaded = artifacts.load_adapter(adapter_dir, base=base, model_options={"quantization": "none"})
     model, technique = loaded.model, _technique(loaded.model)
@@ -158,6 +163,9 @@ def combine(adapter_dirs: Sequence[str | Path], out_dir: str | Path, *, weights:
     for path in paths:
         if not path.is_dir():
             raise AdapterError(f"adapter directory not found: {path}")
+        if artifacts.is_full_run(path):
+            raise AdapterError(f"{path} is a full fine-tuning run, not an adapter: it cannot be combined",
+                               "combine LoRA or IA3 adapters")
     infos = [_describe(p) for p in paths]
     first = infos[0]
     for path, info in zip(paths[1:], infos[1:]):

@@ -171,7 +171,7 @@ def _layer_name(model: torch.nn.Module, layer: torch.nn.Module | None) -> str | 
 def new_token_options(model_cfg: ModelConfig, method: str, model: transformers.PreTrainedModel,
                       tokenizer: PreTrainedTokenizerBase, options: dict[str, Any]) -> dict[str, Any]:
     """The method options that train the added tokens (``model.train_new_tokens``)."""
-    if not model_cfg.new_tokens():
+    if not model_cfg.new_tokens() or method == "full":  # full fine-tuning trains the whole embeddings anyway
         return options
     if method != "lora":
         raise ConfigError(f'added tokens (model.add_tokens / add_special_tokens) are trained with method "lora", '

@@ -57,13 +57,15 @@ def _word_tokenizer():
 def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny random model of a real architecture (+ tokenizer) to ``folder``.
 
-    ``bert`` / ``roberta``: encoders (for classification); ``t5``: encoder-decoder;
-    ``llama`` / ``gpt2``: decoder-only language models.
+    ``bert`` / ``roberta``: encoders (for classification); ``t5`` / ``bart``: encoder-decoders;
+    ``llama`` / ``gpt2`` / ``llama-bias``: decoder-only language models (``bart`` and ``llama-bias``, a
+    Llama with biases in its projections as Qwen2 has, give BitFit biases to train; a real ``qwen2`` model type
+    would make transformers 5 rebuild the test tokenizer as Qwen2's).
     """
     import torch
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-    if arch in {"t5", "llama", "gpt2"}:
+    if arch in {"t5", "llama", "gpt2", "bart", "llama-bias"}:
         return _make_tiny_generative(arch, Path(folder), seed)
 
     folder = Path(folder)
@@ -88,8 +90,8 @@ def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
 
 def _make_tiny_generative(arch: str, folder: Path, seed: int) -> Path:
     import torch
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -100,6 +102,17 @@ def _make_tiny_generative(arch: str, folder: Path, seed: int) -> Path:
         model = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                                     decoder_start_token_id=tokenizer.pad_token_id,
                                                     dropout_rate=0.0, **ids))
+    elif arch == "bart":
+        model = BartForConditionalGeneration(BartConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
+            activation_dropout=0.0, init_std=0.2, decoder_start_token_id=tokenizer.eos_token_id,
+            forced_bos_token_id=None, forced_eos_token_id=None, **ids))
+    elif arch == "llama-bias":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                             mlp_bias=True, max_position_embeddings=256, initializer_range=0.2,
+                                             **ids))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2,

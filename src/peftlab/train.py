@@ -60,7 +60,7 @@ class RunResult:
     adapter_bytes: int
     notes: list[str] = field(default_factory=list)
     losses: list[dict[str, Any]] = field(default_factory=list)  # training loss every log_every steps
-    model: PeftModel | None = field(default=None, repr=False)  # the kept adapter, in memory
+    model: PeftModel | None = field(default=None, repr=False)  # the kept adapter (or full model), in memory
     tokenizer: Any = field(default=None, repr=False)
 
     @property
@@ -198,17 +198,21 @@ def build_model(config: RunConfig, task, spec, meta: dict[str, Any], tokenizer, 
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     fit_embeddings(base, tokenizer)  # room for model.add_tokens (docs/big-models.md)
     options = new_token_options(config.model, spec.name, base, tokenizer, config.method.options)
-    peft_config = spec.build(task.peft_task_type, base.config.model_type, options)
-    try:
-        model = get_peft_model(base, peft_config)
-    except (ValueError, TypeError, RuntimeError) as error:
-        targets = getattr(peft_config, "target_modules", None)
-        hint = "set method.options to fit this architecture"
-        if targets:
-            hint = (f"target_modules={sorted(targets)}; this model's linear layers are named: "
-                    f"{', '.join(linear_layer_names(base))}")
-        raise PeftlabError(f'method "{spec.name}" cannot be applied to {config.model.name}: '
-                           f"{str(error).splitlines()[0]}", hint) from None
+    peft_config = spec.build(task.peft_task_type, base.config.model_type, options, model=base)
+    spec.check_model(base, peft_config)
+    if peft_config is None:  # full fine-tuning: the model itself, every weight trainable
+        model = base.requires_grad_(True)
+    else:
+        try:
+            model = get_peft_model(base, peft_config)
+        except (ValueError, TypeError, RuntimeError) as error:
+            targets = getattr(peft_config, "target_modules", None)
+            hint = "set method.options to fit this architecture"
+            if targets:
+                hint = (f"target_modules={sorted(targets) if not isinstance(targets, str) else targets}; this "
+                        f"model's linear layers are named: {', '.join(linear_layer_names(base))}")
+            raise PeftlabError(f'method "{spec.name}" cannot be applied to {config.model.name}: '
+                               f"{str(error).splitlines()[0]}", hint) from None
     compat.apply_fixes(model)
     _fast_model(model, fast, tokenizer)
     return model, base, peft_config
@@ -241,7 +245,7 @@ def _check_placement(model_cfg) -> None:
 
 def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, evaluate_before: bool = False,
           on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunResult:
-    """Train an adapter as ``config`` says and write the run directory.
+    """Train an adapter (or, with method ``full``, the whole model) as ``config`` says and write the run directory.
 
     Args:
         config: a validated run config.
@@ -282,6 +286,9 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     # model and method
     model, base, peft_config = build_model(config, task, spec, meta, tokenizer, fast)
     trainable, total = count_parameters(model)
+    extras = spec.extras(config.method.options)
+    # PiSSA / OLoRA: the adapter's starting values, to save the trained update as a LoRA of the original base
+    initial_adapter = artifacts.initial_adapter_state(model) if spec.converts_on_save else None
 
     notes: list[str] = list(fast.notes)
     reserved = getattr(peft_config, "num_virtual_tokens", 0) if spec.prompt_learning else 0
@@ -300,11 +307,16 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                               generator=torch.Generator().manual_seed(training.seed))
 
     # optimisation
-    optimizer = fastpath.optimizer(_param_groups(model, training.weight_decay), training.learning_rate,
-                                   fast.fused_optimizer)
+    if spec.make_optimizer:  # e.g. LoRA+: its own parameter groups
+        optimizer = spec.make_optimizer(model, training.learning_rate, training.weight_decay, extras)
+    else:
+        optimizer = fastpath.optimizer(_param_groups(model, training.weight_decay), training.learning_rate,
+                                       fast.fused_optimizer)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / training.gradient_accumulation_steps))
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
+    if spec.on_schedule:  # e.g. AdaLoRA: its rank schedule follows the step budget
+        notes += spec.on_schedule(accelerator.unwrap_model(model), total_steps, config.method.options)
     warmup = training.warmup_steps if training.warmup_steps is not None else int(training.warmup_ratio * total_steps)
     # not prepared: accelerate would step it once per process, we step it once per optimizer step
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup,
@@ -313,6 +325,10 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
     unwrapped: PeftModel = accelerator.unwrap_model(model)
 
     checkpoint_every = training.checkpoint_every
+    if _sharded(accelerator) and spec.converts_on_save:
+        raise ConfigError(f'method "{spec.name}" is not supported under FSDP / DeepSpeed yet: its adapter is converted '
+                          "to a plain LoRA on save, which needs the whole model in one process",
+                          "use lora or dora there, or train on one process / DDP")
     if _sharded(accelerator):
         if resume_from is not None:
             raise ConfigError("--resume works for single-process and DDP runs, not yet under FSDP or DeepSpeed",
@@ -321,7 +337,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
         notes.append("periodic checkpoints are off under FSDP / DeepSpeed (not supported yet)")
     state = TrainingState()
     if resume_from is not None:
-        state = checkpoint.restore(resume_from, accelerator, model, optimizer, scheduler, config)
+        state = checkpoint.restore(resume_from, accelerator, model, optimizer, scheduler, config, spec)
         notes.append(f"resumed from {resume_from} (step {state.step})")
     checkpoints = checkpoint.directory_for(config)
     initial = None
@@ -355,7 +371,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
         def save_checkpoint() -> Path:
             state.seconds = elapsed()
             path = checkpoint.save(checkpoints, accelerator, model, optimizer, scheduler, state, config,
-                                   training.checkpoint_keep)
+                                   training.checkpoint_keep, spec)
             emit("checkpoint", {"step": state.step, "path": str(path)})
             return path
 
@@ -385,6 +401,8 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                         if accelerator.sync_gradients and training.max_grad_norm:
                             accelerator.clip_grad_norm_(trainable_params, training.max_grad_norm)
                         optimizer.step()
+                        if accelerator.sync_gradients and spec.on_step:  # e.g. AdaLoRA's rank allocation
+                            spec.on_step(unwrapped, state.step + 1)
                         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                             scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -444,6 +462,9 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                     for name, param in unwrapped.named_parameters():
                         if name in weights:
                             param.copy_(weights[name].to(param.device))
+        if spec.finalize and not _sharded(accelerator):  # e.g. AdaLoRA: the kept weights under the final rank budget
+            notes += spec.finalize(unwrapped)
+            weights = checkpoint.trainable_weights(accelerator, model)
         metrics = {k: v for k, v in final.items() if k not in {"step", "epoch"}}
         if staging is not None:
             record = {
@@ -453,12 +474,14 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                 "max_length": max_length, "precision": precision, "fast_path": fast.record(),
                 "num_processes": accelerator.num_processes, "notes": notes,
             }
+            if spec.full and not _sharded(accelerator):
+                weights = None  # the kept weights are in the model (copied above): save it whole, buffers included
             artifacts.save_run(staging, unwrapped, tokenizer, config, record,
                                {**metrics, "initial": initial, "history": state.history, "losses": state.losses},
-                               state_dict=weights)
+                               state_dict=weights, initial_adapter=initial_adapter)
             if writer:
                 writer.close()
-            adapter_bytes = (staging / artifacts.ADAPTER_WEIGHTS).stat().st_size
+            adapter_bytes = artifacts.weights_bytes(staging)
     accelerator.wait_for_everyone()
     if main_process:
         shutil.rmtree(checkpoints, ignore_errors=True)

@@ -31,7 +31,23 @@ DEFAULT_LEARNING_RATES = {
     "ptuning-v2": 3e-2,
     "prompt": 3e-2,
     "ptuning": 1e-2,
-    "full": 2e-5,  # full fine-tuning, once it is a registered method
+    # LoRA variants: LoRA's rate, lower where the start is not zero (PiSSA / OLoRA begin at the principal
+    # components) or B already learns 16x faster (LoRA+); AdaLoRA and the compact adapters a little higher;
+    # VeRA trains only scaling vectors and needs ~10x LoRA's rate (Kopiczko et al. 2024)
+    "dora": 2e-3,
+    "rslora": 2e-3,
+    "lora-plus": 1e-3,
+    "pissa": 1e-3,
+    "olora": 1e-3,
+    "adalora": 3e-3,
+    "loha": 3e-3,
+    "lokr": 5e-3,
+    "vera": 1e-2,
+    "oft": 3e-3,
+    # selective: few parameters, each carrying a lot; rates as for IA3
+    "ln-tuning": 5e-3,
+    "bitfit": 5e-3,
+    "full": 2e-5,  # full fine-tuning: the usual BERT-family rate
 }
 FALLBACK_LEARNING_RATES = {"prompt": 1e-2, "weights": 1e-3}  # techniques not in the table
 

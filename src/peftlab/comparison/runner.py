@@ -71,7 +71,7 @@ def load_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 def is_finished(row: dict[str, Any] | None, run: PlannedRun) -> bool:
     return (row is not None and row.get("status") == "ok" and row.get("key") == run.key
-            and (Path(run.config.output_dir) / artifacts.ADAPTER_WEIGHTS).is_file())
+            and artifacts.weights_bytes(Path(run.config.output_dir)) > 0)
 
 
 def _run_fields(run: PlannedRun) -> dict[str, Any]:
