@@ -159,22 +159,23 @@ def peftlab_fast(shape: Shape, base: Path, method: str, batches, device, warmup:
     from peftlab.tasks import get_task
     from peftlab.train import _param_groups, build_model, mixed_precision
 
-    if method == "full":
-        return None, None  # full fine-tuning is the stock reference row (peftlab's `full` method: issue #10)
     config = build_config({
         "model": {"name": str(base)}, "task": shape.task, "method": {"name": method, "options": OPTIONS.get(method, {})},
         "data": {"train_file": "unused.csv"}, "training": {"compile": compile_, "progress": False},
         "output_dir": "unused"})
     task, spec = get_task(shape.task), get_method(method)
     fast = fastpath.resolve(config.model, config.training, packable=False, prompt_learning=spec.prompt_learning,
-                            full=False)
+                            full=method == "full")
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision(config.training, fast.base_dtype),
                               cpu=device.type == "cpu")
     meta = {"labels": ["0", "1"], "regression": False, "label_kind": "index"} if shape.task == "seq-cls" else \
         {"mode": "completion"}
     model, _, _ = build_model(config, task, spec, meta, _Vocab(shape.config["vocab_size"]), fast)
-    optimizer = fastpath.optimizer(_param_groups(model, 0.0), 1e-5, fast.fused_optimizer)
+    if spec.make_optimizer:
+        optimizer = spec.make_optimizer(model, 1e-5, 0.0, spec.extras(config.method.options))
+    else:
+        optimizer = fastpath.optimizer(_param_groups(model, 0.0), 1e-5, fast.fused_optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
