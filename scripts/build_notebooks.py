@@ -342,8 +342,7 @@ from peftlab import logits
 
 trained = logits(result, PROBE, pairs=PAIRS)
 restored = logits(reloaded, PROBE, pairs=PAIRS)
-with reloaded.model.disable_adapter():
-    bare = logits(reloaded, PROBE, pairs=PAIRS)
+bare = logits(reloaded, PROBE, pairs=PAIRS, without_adapter=True)
 print(f"largest difference, trained vs reloaded: {(trained - restored).abs().max().item():.2e}")
 print(f"largest difference, trained vs bare base: {(trained - bare).abs().max().item():.2e}")
 torch.testing.assert_close(restored, trained)  # the adapter came back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +86,37 @@ def _loaded(source: Any) -> LoadedAdapter | None:
     return None
 
 
-def logits(adapter: Any, texts: list[str], *, pairs: list[str] | None = None, max_length: int = 128) -> torch.Tensor:
+@contextmanager
+def _adapter_off(model):
+    """The base model alone: peft's disable_adapter(), which for prompt-learning adapters fails on models
+    without generate() (classifiers) in peft 0.21; those run the base's own forward (no virtual tokens)
+    with their saved modules (the classification head) switched back to the original."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not model.active_peft_config.is_prompt_learning:
+        with model.disable_adapter():
+            yield model
+        return
+    wrappers = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    for wrapper in wrappers:
+        wrapper.enable_adapters(False)
+    try:
+        yield model.get_base_model()
+    finally:
+        for wrapper in wrappers:
+            wrapper.enable_adapters(True)
+
+
+def logits(adapter: Any, texts: list[str], *, pairs: list[str] | None = None, max_length: int = 128,
+           without_adapter: bool = False) -> torch.Tensor:
     """The model's raw output scores for ``texts`` (one forward pass, no generation), on the CPU.
 
     ``adapter``: a :class:`LoadedAdapter`, a ``RunResult`` (the trained model still in memory)
     or an adapter directory. Classifiers give one row of class logits per text; seq2seq models
     the first decoder step's vocabulary logits; causal LMs the logits at every position. Two
     models that hold the same adapter give the same tensor: this is how the notebooks check that
-    a reloaded adapter is the trained one.
+    a reloaded adapter is the trained one. ``without_adapter=True``: the same for the bare base
+    model (the adapter switched off), which must differ.
     """
     loaded = _loaded(adapter) or load_adapter(adapter)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -107,8 +131,8 @@ def logits(adapter: Any, texts: list[str], *, pairs: list[str] | None = None, ma
         if start is None:
             start = tokenizer.pad_token_id
         inputs["decoder_input_ids"] = torch.full((len(texts), 1), int(start), dtype=torch.long, device=device)
-    with torch.no_grad():
-        output = model(**inputs)
+    with torch.no_grad(), (_adapter_off(model) if without_adapter else nullcontext(model)) as runner:
+        output = runner(**inputs)
     return output.logits.detach().float().cpu()
 
 
