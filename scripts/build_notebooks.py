@@ -216,7 +216,7 @@ offload folder on disk, and the batched generations are compared with the in-mem
          reload="""import shutil
 
 # A budget per device: layers fill the budgets in order, what fits nowhere goes to the offload folder.
-BUDGET = {"cpu": "250MiB"} if OFFLINE else {"0": "10GiB", "cpu": "30GiB"}
+BUDGET = {"cpu": "400MiB"} if OFFLINE else {"0": "10GiB", "cpu": "30GiB"}
 OFFLOAD = OUTPUT_DIR + "-offload"
 shutil.rmtree(OFFLOAD, ignore_errors=True)
 reloaded = load_adapter(result.output_dir, model_options={"max_memory": BUDGET, "offload_folder": OFFLOAD})
@@ -225,7 +225,7 @@ print("base model layers:", reloaded.placement)
 if OFFLINE:
     assert "disk" in reloaded.placement  # the budget is smaller than the model: layers really sit on disk""",
          reload_note="Reload the adapter with a memory budget smaller than the model: `placement` says where the layers "
-                     "went. From the command line: `peftlab predict DIR --max-memory cpu=250MiB --offload-folder "
+                     "went. From the command line: `peftlab predict DIR --max-memory cpu=400MiB --offload-folder "
                      "DIR-offload --text ...`."),
     Spec(10, "lora_clm_with_additional_tokens", "lora-mistral-7b-chat-tokens",
          "LoRA with added tokens (Mistral-7B, chat markers)",
@@ -293,7 +293,7 @@ OFFLINE = True  # False: the published recipe (needs the Hugging Face Hub and a 
 RECIPE = "{spec.recipe}" + ("-offline" if OFFLINE else "")
 OUTPUT_DIR = os.path.join("runs", "notebooks", RECIPE)
 # CI executes every notebook headlessly with a few steps: PEFTLAB_NOTEBOOK_STEPS=N caps the training steps
-# (and the evaluation at 16 rows). Unset, the recipe's own budget runs.
+# (and the evaluation at 8 rows). Unset, the recipe's own budget runs.
 STEPS = int(os.environ.get("PEFTLAB_NOTEBOOK_STEPS", "0")) or None
 if OFFLINE:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the offline variant needs is installed locally
@@ -306,7 +306,7 @@ PROBE = {spec.probe!r} if OFFLINE else {probe_full}
 
 overrides = [f"output_dir={OUTPUT_DIR}", "training.progress=false"]
 if STEPS:
-    overrides += [f"training.max_steps={STEPS}", "data.max_eval_samples=16"]
+    overrides += [f"training.max_steps={STEPS}", "data.max_eval_samples=8"]
 config = load_recipe(RECIPE, overrides)
 print("model:   ", config.model.name)
 print("method:  ", config.method.name, config.method.options)

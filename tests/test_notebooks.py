@@ -125,6 +125,7 @@ def kernel(tmp_path_factory):
     return {"name": "peftlab-test", "path": str(root)}
 
 
+@pytest.mark.notebooks
 @pytest.mark.parametrize("number", sorted(NOTEBOOKS), ids=lambda n: f"{n:02d}-{NOTEBOOKS[n]}")
 def test_notebook_runs_offline_and_its_reload_check_bites(number, kernel, tmp_path, monkeypatch):
     import nbformat
