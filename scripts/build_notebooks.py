@@ -52,7 +52,7 @@ class Spec:
     probe_full: list[str]  # the same for the full recipe
     pairs_full: list[str] | None = None  # sentence pairs (MRPC)
     generative: bool = False
-    reload: str = "reloaded = load_adapter(result.output_dir)\nprint(reloaded.path, reloaded.model.active_peft_config.peft_type)"
+    reload: str = "\nreloaded = load_adapter(result.output_dir)\nprint(reloaded.path, reloaded.model.active_peft_config.peft_type)"
     reload_note: str = "Load the adapter back from disk onto a fresh base model, as a new session would."
     extra: list = field(default_factory=list)  # (markdown, code) cells after the reload check
 
@@ -210,8 +210,8 @@ base on one device.
 **When to use it:** the base is bigger than the accelerator's memory and you need predictions, not speed;
 for training such a base, quantize it (`model.quantization: 4bit`, QLoRA) instead.""",
          """SmolLM2-135M (LoRA on q/k/v, the Llama names of BLOOM's fused projection) on Rotten Tomatoes labels, 20 steps
-of batch 8; then the adapter is reloaded with a CPU budget smaller than the model, so most layers sit in an
-offload folder on disk, and the batched generations are compared with the in-memory model's.""",
+of batch 8; then the adapter is reloaded with a CPU budget smaller than the model, so part of the layers sit
+in an offload folder on disk, and the batched generations are compared with the in-memory model's.""",
          REVIEWS, TWEETS, generative=True,
          reload="""import shutil
 
@@ -279,8 +279,8 @@ def build(spec: Spec) -> nbformat.NotebookNode:
         _md(f"# {spec.number}. {spec.title}\n\n*{spec.file}*, run with peftlab.\n\n{spec.intro}"),
         _md(f"""## Offline or full
 
-`OFFLINE = True` (the default) runs the offline variant, recipe `{offline_name}`, on a CPU in a minute or two
-with no Hub access:
+`OFFLINE = True` (the default) runs the offline variant, recipe `{offline_name}`, on a CPU with no Hub
+access (measured times: docs/techniques.md):
 
 {spec.offline}
 
@@ -331,7 +331,7 @@ print(f"training time: {result.train_seconds:.1f} s; adapter file: {result.adapt
         print(f"{name:32} {os.path.getsize(path):>12,} bytes")
 assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(result.output_dir))"""),
         _md(f"## Reload\n\n{spec.reload_note}"),
-        _code("from peftlab import load_adapter\n\n" + spec.reload),
+        _code("from peftlab import load_adapter\n" + spec.reload),
         _md("""## Is it the trained adapter?
 
 The reloaded model must give the same outputs as the model that was just trained, to float precision; and
