@@ -293,7 +293,7 @@ OFFLINE = True  # False: the published recipe (needs the Hugging Face Hub and a 
 RECIPE = "{spec.recipe}" + ("-offline" if OFFLINE else "")
 OUTPUT_DIR = os.path.join("runs", "notebooks", RECIPE)
 # CI executes every notebook headlessly with a few steps: PEFTLAB_NOTEBOOK_STEPS=N caps the training steps
-# (and the evaluation at 8 rows). Unset, the recipe's own budget runs.
+# (and the data: 256 training rows, 8 evaluation rows). Unset, the recipe's own budget runs.
 STEPS = int(os.environ.get("PEFTLAB_NOTEBOOK_STEPS", "0")) or None
 if OFFLINE:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the offline variant needs is installed locally
@@ -306,7 +306,7 @@ PROBE = {spec.probe!r} if OFFLINE else {probe_full}
 
 overrides = [f"output_dir={OUTPUT_DIR}", "training.progress=false"]
 if STEPS:
-    overrides += [f"training.max_steps={STEPS}", "data.max_eval_samples=8"]
+    overrides += [f"training.max_steps={STEPS}", "data.max_train_samples=256", "data.max_eval_samples=8"]
 config = load_recipe(RECIPE, overrides)
 print("model:   ", config.model.name)
 print("method:  ", config.method.name, config.method.options)
