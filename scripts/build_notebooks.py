@@ -17,6 +17,7 @@ The notebooks are stored without outputs: CI executes them (tests/test_notebooks
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,7 +399,7 @@ def main() -> int:
         path = OUT / f"{spec.file}.ipynb"
         text = nbformat.writes(build(spec)) + "\n"
         if args.check:
-            if not path.is_file() or path.read_text() != text:
+            if not path.is_file() or json.loads(path.read_text()) != json.loads(text):  # content, not formatting
                 stale.append(path.name)
         else:
             path.write_text(text)
