@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab import build_config, load_config, recipe_path
+from peftlab import build_config, load_config
 from peftlab.config import apply_overrides
 from peftlab.errors import ConfigError, MethodError
 
@@ -57,8 +57,9 @@ def test_bad_override_syntax():
 
 
 def _recipes() -> list[Path]:
-    root = Path(__file__).parent.parent / "recipes"
-    return sorted(root.glob("**/*.yaml")) + [Path(str(recipe_path("quickstart")))]
+    from peftlab.catalog import recipes
+
+    return [recipe.path for recipe in recipes().values()]
 
 
 @pytest.mark.parametrize("path", _recipes(), ids=lambda p: p.name)

@@ -4,7 +4,7 @@ The Python API (the CLI is a thin layer over it)::
 
     from peftlab import load_config, train, evaluate, predict, load_adapter
 
-    config = load_config("recipes/quickstart.yaml", ["training.max_steps=50"])
+    config = load_config("recipe:quickstart", ["training.max_steps=50"])
     result = train(config)
     print(result.metrics)
     print(predict(result.output_dir, texts=["A joy from start to finish."]))
@@ -21,20 +21,21 @@ warnings.filterwarnings("ignore", message=".*introduces a better way to train en
                         category=FutureWarning)
 
 from peftlab.artifacts import LoadedAdapter, load_adapter  # noqa: E402
+from peftlab.catalog import load_recipe  # noqa: E402
 from peftlab.comparison import CompareResult, compare  # noqa: E402
 from peftlab.config import RunConfig, build_config, load_config  # noqa: E402
 from peftlab.errors import PeftlabError  # noqa: E402
-from peftlab.inference import evaluate, predict  # noqa: E402
+from peftlab.inference import evaluate, logits, predict  # noqa: E402
 from peftlab.merge import MergeResult, combine, merge  # noqa: E402
 from peftlab.train import RunResult, train  # noqa: E402
 
 __all__ = ["CompareResult", "LoadedAdapter", "MergeResult", "PeftlabError", "RunConfig", "RunResult", "build_config",
-           "combine", "compare", "evaluate", "load_adapter", "load_config", "merge", "predict", "train",
-           "recipe_path"]
+           "combine", "compare", "evaluate", "load_adapter", "load_config", "load_recipe", "logits", "merge",
+           "predict", "train", "recipe_path"]
 
 
 def recipe_path(name: str):
-    """Path of a recipe packaged with peftlab (e.g. ``quickstart``)."""
-    from importlib import resources
+    """Path of a recipe packaged with peftlab (e.g. ``quickstart``, ``lora-roberta-large-mrpc``)."""
+    from peftlab.catalog import get_recipe
 
-    return resources.files("peftlab") / "recipes" / f"{name}.yaml"
+    return get_recipe(name).path

@@ -284,6 +284,21 @@ class LoadedAdapter:
     placement: str | None = None  # where the base's layers went, when spread over devices / disk
 
 
+def from_run(result: Any) -> LoadedAdapter:
+    """The adapter a finished run holds in memory (``RunResult.model``), with its run's record, as
+    :func:`load_adapter` gives it from disk: ``predict`` and ``logits`` take either."""
+    from peftlab.tasks import get_task
+
+    if getattr(result, "model", None) is None:
+        raise AdapterError("this run result holds no model in memory", "load it from disk: load_adapter(output_dir)")
+    path = Path(result.output_dir)
+    config = build_config(yaml.safe_load((path / RUN_CONFIG).read_text()))
+    record = json.loads((path / RUN_RECORD).read_text())
+    return LoadedAdapter(model=result.model.eval(), tokenizer=result.tokenizer, task=get_task(config.task),
+                         meta=record["meta"], config=config, model_config=config.model, record=record, path=path,
+                         placement=placement.describe(result.model))
+
+
 def _adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():

@@ -56,7 +56,8 @@ def _summary(result) -> Table:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="A YAML recipe.")],
+    config: Annotated[Path, typer.Argument(help="A YAML recipe, or recipe:NAME for a packaged one "
+                                                "(peftlab recipes).")],
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory and unfinished "
                                                  "checkpoints.")] = False,
@@ -260,6 +261,33 @@ def tasks() -> None:
     for name, task in TASKS.items():
         out.print(f"[bold]{name:10}[/bold] {(type(task).__doc__ or '').strip()}")
     out.print(f"built-in datasets: {', '.join(BUILTIN_DATASETS)}")
+
+
+@app.command()
+def recipes(
+    notebooks_only: Annotated[bool, typer.Option("--notebooks", help="Only the ten notebooks' workflows and their "
+                                                                     "offline variants.")] = False,
+) -> None:
+    """The recipes packaged with peftlab: `peftlab train recipe:NAME [--set key=value ...]`."""
+    from peftlab.catalog import recipes as packaged
+
+    table = Table(title="packaged recipes (peftlab train recipe:NAME)", title_justify="left")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("nb", justify="right")
+    table.add_column("model")
+    table.add_column("technique")
+    table.add_column("description")
+    for recipe in packaged().values():
+        if notebooks_only and recipe.notebook is None:
+            continue
+        raw = recipe.raw()
+        model = (raw.get("model") or {}).get("name", "?")
+        method = (raw.get("method") or {}).get("name", "lora")
+        number = "" if recipe.notebook is None else f"{recipe.notebook}" + (" off" if recipe.offline_of else "")
+        table.add_row(recipe.name, number, escape(str(model)), method, escape(recipe.description))
+    (out if out.is_terminal else Console(width=200)).print(table)
+    out.print("nb: the notebook it backs (notebooks/); off: its offline variant (packaged model and data, CPU).",
+              style="dim", highlight=False)
 
 
 @app.command()

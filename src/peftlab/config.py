@@ -363,7 +363,14 @@ _NEEDS = ("a recipe needs at least a `model:` section (with `name:`) and a `data
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML recipe, apply ``key=value`` overrides and validate it."""
+    """Load a YAML recipe, apply ``key=value`` overrides and validate it.
+
+    ``path`` is a file, or ``recipe:NAME`` for a recipe packaged with peftlab (``peftlab recipes``).
+    """
+    from peftlab import catalog
+
+    if catalog.is_recipe_name(path):
+        path = catalog.get_recipe(str(path)).path
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder, not a recipe file", "pass the YAML file itself, e.g. recipe.yaml")

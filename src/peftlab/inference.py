@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 
-from peftlab.artifacts import LoadedAdapter, load_adapter
+from peftlab import placement
+from peftlab.artifacts import LoadedAdapter, from_run, load_adapter
 from pydantic import ValidationError
 
 from peftlab.config import DataConfig, GenerationConfig, apply_overrides, readable_error
@@ -82,19 +85,79 @@ def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "
                                 batch_size)
 
 
-def predict(adapter_dir: str | Path | LoadedAdapter, *, texts: list[str] | None = None,
+def _loaded(source: Any) -> LoadedAdapter | None:
+    """A LoadedAdapter for a LoadedAdapter or a RunResult (the trained model in memory); None for a path."""
+    if isinstance(source, LoadedAdapter):
+        return source
+    if hasattr(source, "output_dir") and hasattr(source, "model"):  # a RunResult
+        return from_run(source)
+    return None
+
+
+@contextmanager
+def _adapter_off(model):
+    """The base model alone: peft's disable_adapter(), which for prompt-learning adapters fails on models
+    without generate() (classifiers) in peft 0.21; those run the base's own forward (no virtual tokens)
+    with their saved modules (the classification head) switched back to the original."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not model.active_peft_config.is_prompt_learning:
+        with model.disable_adapter():
+            yield model
+        return
+    wrappers = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    for wrapper in wrappers:
+        wrapper.enable_adapters(False)
+    try:
+        yield model.get_base_model()
+    finally:
+        for wrapper in wrappers:
+            wrapper.enable_adapters(True)
+
+
+def logits(adapter: Any, texts: list[str], *, pairs: list[str] | None = None, max_length: int = 128,
+           without_adapter: bool = False) -> torch.Tensor:
+    """The model's raw output scores for ``texts`` (one forward pass, no generation), on the CPU.
+
+    ``adapter``: a :class:`LoadedAdapter`, a ``RunResult`` (the trained model still in memory)
+    or an adapter directory. Classifiers give one row of class logits per text; seq2seq models
+    the first decoder step's vocabulary logits; causal LMs the logits at every position. Two
+    models that hold the same adapter give the same tensor: this is how the notebooks check that
+    a reloaded adapter is the trained one. ``without_adapter=True``: the same for the bare base
+    model (the adapter switched off), which must differ.
+    """
+    loaded = _loaded(adapter) or load_adapter(adapter)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    keep = {"input_ids", "attention_mask"} | ({"token_type_ids"} if pairs else set())
+    device = placement.input_device(model)
+    inputs = {key: value.to(device) for key, value in batch.items() if key in keep}
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = (getattr(model.config, "decoder_start_token_id", None)
+                 or getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None))
+        if start is None:
+            start = tokenizer.pad_token_id
+        inputs["decoder_input_ids"] = torch.full((len(texts), 1), int(start), dtype=torch.long, device=device)
+    with torch.no_grad(), (_adapter_off(model) if without_adapter else nullcontext(model)) as runner:
+        output = runner(**inputs)
+    return output.logits.detach().float().cpu()
+
+
+def predict(adapter_dir: Any, *, texts: list[str] | None = None,
             pairs: list[str] | None = None, file: str | None = None, overrides: list[str] | None = None,
             base: str | None = None, batch_size: int = 32, device: str | None = None,
             generation: dict[str, Any] | None = None,
             model_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Predictions for texts (optionally text pairs) or the rows of a file.
 
-    ``generation`` overrides the run's decoding settings for generative tasks
+    ``adapter_dir``: an adapter directory, a :class:`LoadedAdapter`, or a ``RunResult`` (the
+    trained model still in memory). ``generation`` overrides the run's decoding settings for generative tasks
     (max_new_tokens, do_sample, temperature, top_p, num_beams, stop); ``model_options``
     place or quantize the base as for :func:`evaluate`.
     """
-    loaded = adapter_dir if isinstance(adapter_dir, LoadedAdapter) else load_adapter(
-        adapter_dir, base=base, device=device, model_options=model_options)
+    loaded = _loaded(adapter_dir) or load_adapter(adapter_dir, base=base, device=device,
+                                                  model_options=model_options)
     cfg = data_config(loaded, file or "<inline>", overrides)  # only the column names matter here
     if file:
         rows = list(load_eval_file(file))

@@ -20,7 +20,7 @@ from peftlab.methods import METHODS, get_method
 
 # Learning rates for when neither the per-method overrides nor the config set one. Prompt
 # techniques train few parameters from scratch and need rates 10-100x those of weight
-# adapters. The published recipes (recipes/) use LoRA 3e-4 and IA3 1e-3 on roberta-large over
+# adapters. The published recipes (src/peftlab/recipes/) use LoRA 3e-4 and IA3 1e-3 on roberta-large over
 # 12-20 epochs, IA3 8e-3 on mt0-large, prefix tuning 1e-2 (3e-2 on bloomz-560m, a causal LM);
 # comparisons run short step budgets, so these sit at the upper end of each range (LoRA 2e-3
 # is the quickstart's rate, P-tuning v2 3e-2 that of the MiniLM recipe).
