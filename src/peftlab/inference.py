@@ -54,7 +54,8 @@ def input_limit(record: dict[str, Any], data: DataConfig, peft_config, model_con
 
 
 def _max_length(loaded: LoadedAdapter, data: DataConfig) -> int:
-    return input_limit(loaded.record, data, loaded.model.active_peft_config, loaded.model.config, loaded.tokenizer)
+    peft_config = getattr(loaded.model, "active_peft_config", None)  # None: a full fine-tuning run
+    return input_limit(loaded.record, data, peft_config, loaded.model.config, loaded.tokenizer)
 
 
 def _dataset(loaded: LoadedAdapter, data: DataConfig, file: str | None, split: str) -> datasets.Dataset:
