@@ -157,7 +157,7 @@ def peftlab_fast(shape: Shape, base: Path, method: str, batches, device, warmup:
     from peftlab import build_config, fastpath
     from peftlab.methods import get_method
     from peftlab.tasks import get_task
-    from peftlab.train import _param_groups, build_model, mixed_precision
+    from peftlab.train import build_model, build_optimizer, mixed_precision
 
     config = build_config({
         "model": {"name": str(base)}, "task": shape.task, "method": {"name": method, "options": OPTIONS.get(method, {})},
@@ -172,10 +172,7 @@ def peftlab_fast(shape: Shape, base: Path, method: str, batches, device, warmup:
     meta = {"labels": ["0", "1"], "regression": False, "label_kind": "index"} if shape.task == "seq-cls" else \
         {"mode": "completion"}
     model, _, _ = build_model(config, task, spec, meta, _Vocab(shape.config["vocab_size"]), fast)
-    if spec.make_optimizer:
-        optimizer = spec.make_optimizer(model, 1e-5, 0.0, spec.extras(config.method.options))
-    else:
-        optimizer = fastpath.optimizer(_param_groups(model, 0.0), 1e-5, fast.fused_optimizer)
+    optimizer = build_optimizer(model, spec, 1e-5, 0.0, spec.extras(config.method.options), fast.fused_optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 

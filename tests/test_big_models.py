@@ -151,3 +151,33 @@ def test_cli_reports_where_layers_went_and_quantization_errors(lm_run, tmp_path)
         assert "needs a CUDA GPU" in failed.stderr and "Traceback" not in failed.stderr
     bad = subprocess.run([*cli, "--max-memory", "cpu"], capture_output=True, text=True)
     assert bad.returncode == 2 and "is not DEVICE=AMOUNT" in bad.stderr
+
+
+def test_upstream_offload_rewrite_is_still_broken(lm_run, tmp_path, monkeypatch):
+    """peft itself, without compat.redirect_offloaded_weights, rewrites a disk-offloaded base's own checkpoint.
+
+    If this starts failing, peft no longer touches the base's files and the workaround can go.
+    """
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base_dir = shutil.copytree(lm_run["base"], tmp_path / "base")
+    weights = base_dir / "model.safetensors"
+    before = _digest(weights)
+    monkeypatch.chdir(tmp_path)
+    layers = AutoConfig.from_pretrained(base_dir).num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i == 0 else "cpu" for i in range(layers)}}
+    # a base named by a relative path, as `--base models/x` does: peft's rewrite lands on the base's own file
+    base = AutoModelForCausalLM.from_pretrained("base", device_map=device_map, offload_folder="offload")
+    # what a peft user writes to attach an adapter to an offloaded base (peft re-dispatches the wrapped model)
+    PeftModel.from_pretrained(base, lm_run["run"], offload_folder="offload",
+                              device_map={f"base_model.model.{k}": v for k, v in device_map.items()})
+    assert _digest(weights) != before  # the base checkpoint was overwritten (renamed keys)
+
+    # peftlab's load of the same relative base, through compat.redirect_offloaded_weights, leaves it intact
+    fresh = shutil.copytree(lm_run["base"], tmp_path / "fresh")
+    loaded = load_adapter(lm_run["run"], base="fresh",
+                          model_options={"max_memory": {"cpu": lm_run["budget"]}, "offload_folder": "offload2"})
+    assert "disk" in loaded.placement
+    assert _digest(fresh / "model.safetensors") == before

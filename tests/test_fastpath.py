@@ -44,14 +44,14 @@ def test_packed_rows_never_attend_across_boundaries(tiny_lms):
         alone = model(input_ids=torch.tensor([second]), use_cache=False).logits[0]
     torch.testing.assert_close(second_row_logits(first), alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(second_row_logits(other_first), alone, atol=1e-5, rtol=1e-4)
-    assert fastpath.packing_isolated(model, torch.device("cpu"), 30)
+    assert fastpath.packing_isolated(model, 30)
 
 
 def test_packing_is_refused_where_attention_would_leak():
     """BLOOM (ALiBi) ignores position ids: packed rows would see each other, so the probe says no."""
     torch.manual_seed(0)
     bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4))
-    assert not fastpath.packing_isolated(bloom, torch.device("cpu"), 64)
+    assert not fastpath.packing_isolated(bloom, 64)
 
 
 def test_packed_training_tracks_padded_training(tiny_lms, generative_data, tmp_path):

@@ -96,3 +96,31 @@ def test_upstream_cached_prefix_generation_is_still_broken(tiny_lms, generative_
     ids = tokenizer(["alpha great bravo"], return_tensors="pt")["input_ids"]
     cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert cached[0, 1:].tolist()[:len(expected)] != expected
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_learning_generation_does_not_depend_on_the_batch(tiny_lms, generative_data, tmp_path, monkeypatch,
+                                                                 method):
+    """peft ignores position ids for prompt learning, so a left-padded row is generated at shifted positions:
+    peftlab batches only prompts of one length there, and each row's output is its own."""
+    from peftlab.tasks import generation
+
+    config = generative_config(tiny_lms, generative_data, tmp_path, "llama", method, **{"training.epochs": 1})
+    result = train(config)
+    model, tokenizer = result.model, result.tokenizer
+    prompts = [tokenizer(t)["input_ids"] for t in ["alpha great bravo charlie delta echo foxtrot", "golf",
+                                                     "kilo lima awful", "great", "hotel india juliett kilo"]]
+    decoding = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}  # no early EOS: rows to compare
+
+    def generate(batch_size):
+        return generation.generate_tokens(model, tokenizer, prompts, batch_size, decoding, decoder_only=True)
+
+    alone = generate(1)
+    assert generate(len(prompts)) == alone
+    # without the equal-length batches, padding shifts the short rows (would fail if peft kept position ids)
+    monkeypatch.setattr(generation, "_prompt_learning", lambda model: False)
+    assert generate(len(prompts)) != alone
+    # the full path: predict() gives each text the output it gets alone
+    texts = ["alpha great bravo charlie", "golf", "kilo awful"]
+    monkeypatch.undo()
+    assert predict(result, texts=texts) == [predict(result, texts=[t])[0] for t in texts]

@@ -91,3 +91,21 @@ def test_validation_fraction_and_tensorboard(make_config, tmp_path):
     result = train(config)
     assert result.metrics["samples"] == 64  # a quarter of 256 rows held out
     assert list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_evaluations_do_not_change_what_is_trained(make_config, tmp_path):
+    """Evaluating (before training, every epoch) draws nothing from training's random stream: with dropout on,
+    the adapter equals that of a run that never evaluates."""
+    import torch
+    from safetensors.torch import load_file
+
+    quiet = train(make_config("bert", "lora", {"lora_dropout": 0.3}, **{
+        "training.eval_strategy": "no", "training.keep": "last"}, output_dir=tmp_path / "quiet"))
+    evaluated = train(make_config("bert", "lora", {"lora_dropout": 0.3}, **{
+        "training.eval_strategy": "epoch", "training.keep": "last"}, output_dir=tmp_path / "evaluated"),
+        evaluate_before=True)
+    assert len(evaluated.history) == 3 and evaluated.initial_metrics
+    left = load_file(str(quiet.output_dir / "adapter_model.safetensors"))
+    right = load_file(str(evaluated.output_dir / "adapter_model.safetensors"))
+    for key in left:
+        torch.testing.assert_close(right[key], left[key], rtol=0, atol=0)

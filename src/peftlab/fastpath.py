@@ -120,14 +120,16 @@ def optimizer(groups: list[dict[str, Any]], learning_rate: float, fused: bool) -
 
 
 @torch.no_grad()
-def packing_isolated(model: torch.nn.Module, device: torch.device, vocab: int) -> bool:
+def packing_isolated(model: torch.nn.Module, vocab: int, device: torch.device | None = None) -> bool:
     """True when two rows packed into one give each row the logits it gets alone (no cross-row attention).
 
     transformers builds a block-diagonal mask from position ids that restart at 0 for
     models that route their mask through ``create_causal_mask``, when there is no attention
     mask and no KV cache (so packed batches carry ``use_cache=False``); for other models
     (ALiBi models, older code) packing would let tokens see the previous row, so it stays off.
+    The probe runs where the model is (a quantized base is already on its GPU).
     """
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(0)

@@ -8,7 +8,9 @@ supports, its group and one line on when it helps, and the hooks through which a
 technique changes training without the loop naming it: ``make_optimizer`` (LoRA+),
 ``on_schedule`` / ``on_step`` / ``state`` (AdaLoRA's rank budget), ``converts_on_save``
 (PiSSA / OLoRA, saved as a plain LoRA of the original base). Adding a technique is one
-``register(MethodSpec(...))`` call.
+``register(...)`` call: a ``MethodSpec``, or one of the presets ``_lora`` (a LoraConfig variant),
+``_adapter`` (a mergeable weight adapter) and ``_prompt`` (prompt learning), which fill in what
+every technique of that kind shares.
 """
 
 from __future__ import annotations
@@ -229,83 +231,83 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-register(MethodSpec(
+# Presets for the three shapes of technique: an entry names only what differs from its kind.
+_LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+
+
+def _adapter(**fields: Any) -> MethodSpec:
+    """A weight adapter on chosen layers (targets from the architecture's table), mergeable into the base."""
+    return MethodSpec(**{"arch_defaults": _lora_arch, "mergeable": True, "needs_targets": True, **fields})
+
+
+def _lora(defaults: dict[str, Any] | None = None, **fields: Any) -> MethodSpec:
+    """A LoRA preset: peft's LoraConfig with LoRA's defaults, changed where the variant differs."""
+    return _adapter(config_cls=peft.LoraConfig, defaults={**_LORA_DEFAULTS, **(defaults or {})}, **fields)
+
+
+def _prompt(**fields: Any) -> MethodSpec:
+    """A prompt-learning technique: virtual tokens; the model's own weights stay as they are, nothing to merge."""
+    return MethodSpec(**{"prompt_learning": True, "group": "prompt learning", **fields})
+
+
+register(_lora(
     name="lora",
     title="Low-rank adaptation",
     summary="LoRA: trainable low-rank updates added to chosen weight matrices (Hu et al. 2021).",
-    config_cls=peft.LoraConfig,
-    defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
-    group='LoRA family',
     when='the default: strong results at ~0.1-1% of the weights, merges away at no inference cost',
     trains='low-rank A, B matrices on chosen weights',
 ))
-register(MethodSpec(
+register(_adapter(
     name="ia3",
     title="IA3 activation scaling",
     summary="IA3: learned vectors that rescale keys, values and feed-forward activations (Liu et al. 2022).",
     config_cls=peft.IA3Config,
     arch_defaults=_ia3_arch,
-    mergeable=True,
-    needs_targets=True,
     group='compact adapters',
     when='the smallest weight adapter (a few thousand numbers); good when memory or storage is tight',
     trains='scaling vectors on keys, values, feed-forward',
 ))
-register(MethodSpec(
+register(_prompt(
     name="prefix",
     title="Prefix tuning (MLP-reparameterised)",
     summary="Prefix tuning: trainable key/value prefixes in every layer, reparameterised by an MLP "
             "during training (Li & Liang 2021).",
     config_cls=peft.PrefixTuningConfig,
     defaults={"num_virtual_tokens": 20, "prefix_projection": True},
-    prompt_learning=True,
-    group='prompt learning',
     when='generation tasks on large models; trains no weights of the model itself',
     trains='key/value prefixes in every layer (via an MLP)',
 ))
-register(MethodSpec(
+register(_prompt(
     name="ptuning-v2",
     title="P-tuning v2 (deep prompts)",
     summary="P-tuning v2: deep prompts in every layer, trained directly without reparameterisation "
             "(Liu et al. 2021); prefix tuning as used for understanding tasks.",
     config_cls=peft.PrefixTuningConfig,
     defaults={"num_virtual_tokens": 20, "prefix_projection": False},
-    prompt_learning=True,
-    group='prompt learning',
     when='understanding tasks (classification, tagging) with deep prompts; close to full fine-tuning on large models',
     trains='key/value prefixes in every layer',
 ))
-register(MethodSpec(
+register(_prompt(
     name="prompt",
     title="Prompt tuning (soft prompt)",
     summary="Prompt tuning: trainable soft-prompt embeddings prepended to the input (Lester et al. 2021).",
     config_cls=peft.PromptTuningConfig,
     defaults={"num_virtual_tokens": 20, "prompt_tuning_init": "RANDOM"},
-    prompt_learning=True,
-    group='prompt learning',
     when='very large models (10B+), where a soft prompt alone matches fine-tuning; weakest on small models',
     trains='virtual input-token embeddings',
 ))
-register(MethodSpec(
+register(_prompt(
     name="ptuning",
     title="P-tuning (prompt encoder)",
     summary="P-tuning: virtual input tokens produced by a prompt encoder, MLP or LSTM (Liu et al. 2021).",
     config_cls=peft.PromptEncoderConfig,
     defaults={"num_virtual_tokens": 20, "encoder_hidden_size": 128, "encoder_reparameterization_type": "MLP"},
-    prompt_learning=True,
-    group='prompt learning',
     when='few-shot understanding tasks on mid-sized models',
     trains='virtual tokens from a prompt encoder',
 ))
 
 
 # --- the LoRA family -------------------------------------------------------------------------
-
-_LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
-
 
 def _loraplus_optimizer(model, lr: float, weight_decay: float, options: dict[str, Any]) -> torch.optim.Optimizer:
     """LoRA+ (Hayou et al. 2024): the B matrices learn ``loraplus_lr_ratio`` times faster than A (peft's helper)."""
@@ -315,70 +317,49 @@ def _loraplus_optimizer(model, lr: float, weight_decay: float, options: dict[str
                                      loraplus_weight_decay=weight_decay, weight_decay=weight_decay)
 
 
-register(MethodSpec(
+register(_lora(
     name="dora",
     title="DoRA (weight-decomposed LoRA)",
     summary="DoRA: LoRA on the direction of each weight plus a trained magnitude vector (Liu et al. 2024).",
-    config_cls=peft.LoraConfig,
-    defaults={**_LORA_DEFAULTS, "use_dora": True},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
+    defaults={"use_dora": True},
     when="low ranks (r 4-8), where it closes part of the gap to full fine-tuning; ~1.5-2x LoRA's step time",
     trains="LoRA A, B + a magnitude per output",
 ))
-register(MethodSpec(
+register(_lora(
     name="rslora",
     title="rsLoRA (rank-stabilised LoRA)",
     summary="rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r, so higher ranks keep learning (Kalajdzievski "
             "2023).",
-    config_cls=peft.LoraConfig,
-    defaults={"r": 16, "lora_alpha": 16, "lora_dropout": 0.1, "use_rslora": True},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
+    defaults={"r": 16, "lora_alpha": 16, "use_rslora": True},
     when="ranks of 16 and up, where plain LoRA's alpha/r scaling starves the update",
     trains="LoRA A, B (rank-stabilised scaling)",
 ))
-register(MethodSpec(
+register(_lora(
     name="lora-plus",
     title="LoRA+ (larger learning rate for B)",
     summary="LoRA+: plain LoRA trained with a learning rate loraplus_lr_ratio times larger for the B matrices "
             "(Hayou et al. 2024; peft.optimizers.create_loraplus_optimizer).",
-    config_cls=peft.LoraConfig,
-    defaults=dict(_LORA_DEFAULTS),
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
     extra_options={"loraplus_lr_ratio": 16.0},
     make_optimizer=_loraplus_optimizer,
     when="short budgets: same adapter as LoRA, reaches a given loss in fewer steps",
     trains="LoRA A, B (B at 16x the learning rate)",
 ))
-register(MethodSpec(
+register(_lora(
     name="pissa",
     title="PiSSA initialisation",
     summary="PiSSA: LoRA initialised from the principal singular vectors of each weight, the rest kept as the frozen "
             "residual (Meng et al. 2024); saved as a plain LoRA of the original base.",
-    config_cls=peft.LoraConfig,
-    defaults={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": "pissa"},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
+    defaults={"lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": "pissa"},
     converts_on_save=True,
     when="faster convergence than LoRA's zero init; the saved adapter has rank 2r (peft's conversion)",
     trains="LoRA A, B started at the principal components",
 ))
-register(MethodSpec(
+register(_lora(
     name="olora",
     title="OLoRA initialisation",
     summary="OLoRA: LoRA initialised by a QR decomposition of each weight (Büyükakyüz 2024); saved as a plain LoRA of "
             "the original base.",
-    config_cls=peft.LoraConfig,
-    defaults={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": "olora"},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
+    defaults={"lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": "olora"},
     linear_only=True,
     converts_on_save=True,
     when="like PiSSA, a faster start than LoRA; cheaper to initialise (QR, no SVD)",
@@ -433,7 +414,7 @@ def _adalora_set_state(model, tensors: dict[str, torch.Tensor], data: dict[str, 
     model.peft_config[model.active_adapter].rank_pattern = data.get("rank_pattern")
 
 
-register(MethodSpec(
+register(_adapter(
     name="adalora",
     title="AdaLoRA (adaptive rank budget)",
     summary="AdaLoRA: SVD-shaped LoRA whose rank budget moves during training to the layers that matter "
@@ -442,8 +423,6 @@ register(MethodSpec(
     defaults={"init_r": 12, "target_r": 8, "lora_alpha": 32, "lora_dropout": 0.1},
     build_defaults={"total_step": 1},
     arch_defaults=_adalora_arch,
-    mergeable=True,
-    needs_targets=True,
     on_schedule=_adalora_schedule,
     on_step=_adalora_step,
     finalize=_adalora_finalize,
@@ -456,60 +435,48 @@ register(MethodSpec(
 
 # --- compact adapters ------------------------------------------------------------------------
 
-register(MethodSpec(
+register(_adapter(
     name="loha",
     title="LoHa (low-rank Hadamard product)",
     summary="LoHa: the weight update as the Hadamard product of two low-rank products (Hyeon-Woo et al. 2022; "
             "LyCORIS).",
     config_cls=peft.LoHaConfig,
     defaults={"r": 8, "alpha": 8},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
     linear_only=True,
     group="compact adapters",
     when="a higher effective rank than LoRA for the same parameter count",
     trains="two low-rank pairs per weight, multiplied elementwise",
 ))
-register(MethodSpec(
+register(_adapter(
     name="lokr",
     title="LoKr (low-rank Kronecker product)",
     summary="LoKr: the weight update as a Kronecker product of a small and a low-rank matrix (Edalati et al. 2022; "
             "LyCORIS).",
     config_cls=peft.LoKrConfig,
     defaults={"r": 8, "alpha": 8},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
     linear_only=True,
     group="compact adapters",
     when="very small adapters with full-rank updates (Kronecker structure)",
     trains="Kronecker factors per weight",
 ))
-register(MethodSpec(
+register(_adapter(
     name="vera",
     title="VeRA (shared random projections)",
     summary="VeRA: one pair of frozen random low-rank matrices shared by all layers; only per-layer scaling vectors "
             "train (Kopiczko et al. 2024).",
     config_cls=peft.VeraConfig,
     defaults={"r": 256},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
     group="compact adapters",
     when="LoRA-like quality with 10x fewer trainable parameters; needs higher learning rates",
     trains="two scaling vectors per layer (shared frozen projections)",
 ))
-register(MethodSpec(
+register(_adapter(
     name="oft",
     title="OFT (orthogonal fine-tuning)",
     summary="OFT: each weight is rotated by a trained block-diagonal orthogonal matrix, which keeps the angles "
             "between neurons (Qiu et al. 2023).",
     config_cls=peft.OFTConfig,
     defaults={"r": 0, "oft_block_size": 32},
-    arch_defaults=_lora_arch,
-    mergeable=True,
-    needs_targets=True,
     linear_only=True,
     group="compact adapters",
     when="keeping the pretrained model's knowledge (less forgetting); popular for diffusion, fine for text",
@@ -519,28 +486,25 @@ register(MethodSpec(
 
 # --- selective: existing parameters ----------------------------------------------------------
 
-register(MethodSpec(
+register(_adapter(
     name="ln-tuning",
     title="LayerNorm tuning",
     summary="LN tuning: only the LayerNorm (RMSNorm) weights and biases train (Zhao et al. 2023; peft's "
             "LNTuningConfig).",
     config_cls=peft.LNTuningConfig,
     arch_defaults=_ln_arch,
-    mergeable=True,
-    needs_targets=True,
     group="selective (BitFit, LayerNorm)",
     when="a strong, tiny baseline (0.01-0.1% of the weights); often close to LoRA on classification",
     trains="the LayerNorm / RMSNorm weights and biases",
 ))
-register(MethodSpec(
+register(_adapter(
     name="bitfit",
     title="BitFit (bias terms)",
     summary="BitFit: only bias terms train (Ben Zaken et al. 2022), here the biases of every linear layer that has "
             "one, as peft's BEFT adapter (a trained bias delta), so plain peft loads it.",
     config_cls=peft.BeftConfig,
+    arch_defaults=_no_arch,
     model_defaults=_bias_layers,
-    mergeable=True,
-    needs_targets=True,
     linear_only=True,
     group="selective (BitFit, LayerNorm)",
     when="the smallest baseline on encoders with biases (BERT, RoBERTa, BART, Qwen2); models without biases "

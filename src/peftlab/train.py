@@ -33,7 +33,7 @@ from peftlab.checkpoint import TrainingInterrupted, TrainingState
 from peftlab.config import RunConfig, TrainingConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
-from peftlab.methods import get_method, linear_layer_names
+from peftlab.methods import MethodSpec, get_method, linear_layer_names
 from peftlab.model import (fit_embeddings, load_model_config, load_tokenizer, max_positions,
                            new_token_options)
 from peftlab.progress import TrainingProgress
@@ -91,6 +91,14 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, spec: MethodSpec, learning_rate: float, weight_decay: float,
+                    extras: dict[str, Any], fused: bool) -> torch.optim.Optimizer:
+    """The technique's own optimizer where it has one (LoRA+: its parameter groups), else AdamW (fused on GPUs)."""
+    if spec.make_optimizer:
+        return spec.make_optimizer(model, learning_rate, weight_decay, extras)
+    return fastpath.optimizer(_param_groups(model, weight_decay), learning_rate, fused)
 
 
 def _trainable_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -159,6 +167,14 @@ def _tensorboard(directory: Path, first_step: int = 0):
     return SummaryWriter(str(directory), purge_step=first_step or None)
 
 
+@contextmanager
+def _training_rng_kept():
+    """Restore torch's CPU (and current GPU) random state on exit."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 def _sharded(accelerator: Accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -222,7 +238,7 @@ def _fast_model(model: torch.nn.Module, fast: fastpath.FastPath, tokenizer) -> N
     """The fast path's changes to the built peft model (fastpath.py), confirming packing on the model itself."""
     if fast.base_dtype != "float32":
         fastpath.upcast_trainable(model)
-    if fast.packing and not fastpath.packing_isolated(model, torch.device("cpu"), len(tokenizer)):
+    if fast.packing and not fastpath.packing_isolated(model, len(tokenizer)):
         fast.packing = False
         fast.notes.append(f"packing off: {model.config.model_type} attention is not kept inside packed rows")
     if fast.gradient_checkpointing:
@@ -307,11 +323,8 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
                               generator=torch.Generator().manual_seed(training.seed))
 
     # optimisation
-    if spec.make_optimizer:  # e.g. LoRA+: its own parameter groups
-        optimizer = spec.make_optimizer(model, training.learning_rate, training.weight_decay, extras)
-    else:
-        optimizer = fastpath.optimizer(_param_groups(model, training.weight_decay), training.learning_rate,
-                                       fast.fused_optimizer)
+    optimizer = build_optimizer(model, spec, training.learning_rate, training.weight_decay, extras,
+                                fast.fused_optimizer)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / training.gradient_accumulation_steps))
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
@@ -347,7 +360,9 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
         writer = _tensorboard(staging / "tensorboard", state.step) if training.tensorboard and staging else None
 
         def evaluate_now() -> dict[str, float]:
-            with accelerator.autocast():
+            # evaluation must not draw from the training's random streams (a DataLoader draws a seed, sampling
+            # draws tokens): a run with evaluations trains exactly as one without
+            with _training_rng_kept(), accelerator.autocast():
                 return task.evaluate(unwrapped, tokenizer, splits["eval"], eval_set, config.data, meta, max_length,
                                      training.eval_batch_size)
 

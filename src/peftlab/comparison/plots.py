@@ -12,12 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from peftlab.comparison.report import Group, Summary  # noqa: E402
 
-COLORS = plt.get_cmap("tab10").colors
-
-
 def _color(summary: Summary, group: Group):
+    """One colour per method: tab10 up to 10 methods, tab20 (paired shades) up to 20, then repeats."""
     methods = list(dict.fromkeys(g.method for g in summary.groups))
-    return COLORS[methods.index(group.method) % len(COLORS)]
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    return palette[methods.index(group.method) % len(palette)]
 
 
 def _save(fig, path: Path) -> Path:
@@ -88,7 +87,10 @@ def loss_curves(summary: Summary, path: Path) -> Path:
     ax.set_title("training loss" + (" (best learning rate per method)" if summary.sweep else "")
                  + (", mean over seeds" if summary.seeds > 1 else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(ax.get_lines()) > 16:  # many methods: the legend beside the plot, not over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

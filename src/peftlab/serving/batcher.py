@@ -286,18 +286,18 @@ def _deliver(job: Job, index: int, value: Any) -> None:
 
 
 def _resolve(job: Job, value: Any) -> None:
-    def set_result() -> None:
-        if not job.future.done():
-            job.future.set_result(value)
-
-    if job.future is not None and job.loop is not None and not job.loop.is_closed():
-        job.loop.call_soon_threadsafe(set_result)
+    _settle(job, lambda future: future.set_result(value))
 
 
 def _fail(job: Job, error: BaseException) -> None:
-    def set_exception() -> None:
+    _settle(job, lambda future: future.set_exception(error))
+
+
+def _settle(job: Job, settle: Callable[[asyncio.Future], None]) -> None:
+    """Complete the job's future on its event loop's thread (once; a closed loop has nobody left to tell)."""
+    def on_loop() -> None:
         if not job.future.done():
-            job.future.set_exception(error)
+            settle(job.future)
 
     if job.future is not None and job.loop is not None and not job.loop.is_closed():
-        job.loop.call_soon_threadsafe(set_exception)
+        job.loop.call_soon_threadsafe(on_loop)

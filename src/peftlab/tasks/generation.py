@@ -133,33 +133,53 @@ def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[lis
     side = tokenizer.padding_side
     tokenizer.padding_side = "left" if decoder_only else "right"
     eos = tokenizer.eos_token_id
-    outputs: list[list[int]] = []
+    outputs: list[list[int] | None] = [None] * len(prompts)
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(device)
+        for rows in _batches(prompts, batch_size, equal_lengths=decoder_only and _prompt_learning(model)):
+            batch = tokenizer.pad({"input_ids": [prompts[i] for i in rows]}, return_tensors="pt").to(device)
             extra = compat.generation_overrides(model)
             if stop:
                 prompt_length = batch["input_ids"].shape[1] if decoder_only else 0
                 extra["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, stop, prompt_length)])
             if adapter_names is not None:
-                extra["adapter_names"] = adapter_names[start:start + batch_size]
+                extra["adapter_names"] = [adapter_names[i] for i in rows]
             if limits is not None:
-                extra["max_new_tokens"] = max(limits[start:start + batch_size])
+                extra["max_new_tokens"] = max(limits[i] for i in rows)
             if streamer is not None:
                 extra["streamer"] = streamer
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        pad_token_id=tokenizer.pad_token_id, **{**kwargs, **extra})
             generated = generated[:, batch["input_ids"].shape[1]:] if decoder_only else generated[:, 1:]
-            for i, row in enumerate(generated.tolist()):
+            for i, row in zip(rows, generated.tolist()):
                 if limits is not None:
-                    row = row[:limits[start + i]]
+                    row = row[:limits[i]]
                 if eos is not None and eos in row:
                     row = row[:row.index(eos) + 1]
-                outputs.append(row)
+                outputs[i] = row
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def _prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)
+
+
+def _batches(prompts: list[list[int]], batch_size: int, equal_lengths: bool) -> list[list[int]]:
+    """Row indices per generation batch, in order; with ``equal_lengths`` only prompts of one length share a batch.
+
+    peft drops the position ids of prompt-learning models, so a left-padded decoder-only row
+    would be generated at shifted positions, and its output would depend on which other prompts
+    share its batch; rows of one length need no padding (each result is the row's own).
+    """
+    if not equal_lengths:
+        return [list(range(start, min(start + batch_size, len(prompts))))
+                for start in range(0, len(prompts), batch_size)]
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    return [rows[start:start + batch_size] for rows in by_length.values() for start in range(0, len(rows), batch_size)]
 
 
 def finish_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: list[str] | None) -> str:
