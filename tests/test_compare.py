@@ -323,3 +323,28 @@ def test_report_renders_table_and_figures_in_headless_chromium(all_methods, tmp_
     tab10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     drawn = [rgb for rgb in tab10 if counts.get(rgb, 0) > 500]
     assert drawn == tab10, f"figure colours missing: {set(tab10) - set(drawn)}"
+
+
+@pytest.mark.parametrize("arch, task", [("t5", "seq2seq"), ("llama", "causal-lm")])
+def test_every_method_compares_on_the_generative_families(tiny_lms, generative_data, tmp_path, arch, task):
+    """The default method list is every registered technique for the task; each gets a row on seq2seq and
+    causal LM, and the one these architectures cannot take (BitFit: no bias terms) fails with its reason while
+    the others go on."""
+    raw = {
+        "model": {"name": str(tiny_lms[arch])}, "task": task,
+        "data": {"train_file": str(generative_data["train"]), "validation_file": str(generative_data["validation"]),
+                 "target_column": "target", "max_length": 32, "target_max_length": 4, "max_eval_samples": 8,
+                 **({"prompt_template": "review : {text} label :"} if task == "causal-lm" else {})},
+        "training": {"max_steps": 2, "batch_size": 8, "eval_strategy": "no", "seed": 0},
+    }
+    result = compare(build_config(raw), out_dir=tmp_path / "cmp", progress=False)
+    rows = {row["method"]: row for row in result.rows}
+    assert list(rows) == [name for name, spec in METHODS.items() if task in spec.tasks]
+    assert [row["method"] for row in result.failed] == ["bitfit"]  # neither T5 nor Llama has biased Linear layers
+    assert "no bias terms" in rows.pop("bitfit")["error"]
+    for name, row in rows.items():
+        assert row["main_metric"] == "accuracy" and row["main_value"] is not None, name
+        assert 0 < row["trainable_params"] <= row["total_params"], name
+        assert (row["trainable_share"] == 1.0) == (name == "full"), name
+        saved = "model.safetensors" if name == "full" else "adapter_model.safetensors"
+        assert (result.out_dir / row["run_dir"] / saved).is_file(), name

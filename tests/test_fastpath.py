@@ -121,3 +121,25 @@ def test_cpu_defaults(tiny_lms, generative_data, tmp_path):
     record = json.loads((result.output_dir / "peftlab.json").read_text())["fast_path"]
     assert record["base_dtype"] == "float32" and record["fused_optimizer"] is False
     assert record["packing"] is True and record["group_by_length"] is True
+
+
+@pytest.mark.slow  # about 2.5 minutes of inductor compilation on 2 CPU cores
+def test_compiled_training_tracks_eager_and_saves_the_same_files(tiny_lms, generative_data, tmp_path):
+    """torch.compile of the base (inductor; on a CPU it needs a C compiler) changes neither the losses beyond
+    float reordering nor the saved adapter's names: plain peft loads it on an uncompiled base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    # no dropout (compiled code draws its masks from another generator); padded batches
+    settings = {"training.max_steps": 4, "training.packing": "false", "method.options.lora_dropout": 0.0}
+    eager = train(_lm_config(tiny_lms, generative_data, tmp_path / "eager", **settings))
+    compiled = train(_lm_config(tiny_lms, generative_data, tmp_path / "compiled", **settings,
+                                **{"training.compile": "true"}))
+    assert json.loads((compiled.output_dir / "peftlab.json").read_text())["fast_path"]["compile"] is True
+    torch.testing.assert_close(torch.tensor([e["loss"] for e in compiled.losses]),
+                               torch.tensor([e["loss"] for e in eager.losses]), atol=1e-4, rtol=1e-4)
+    left = load_file(str(eager.output_dir / "adapter_model.safetensors"))
+    right = load_file(str(compiled.output_dir / "adapter_model.safetensors"))
+    assert left.keys() == right.keys() and not any("_orig_mod" in key for key in right)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_lms["llama"])), str(compiled.output_dir))

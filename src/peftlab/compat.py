@@ -126,11 +126,12 @@ def unwrap_modules_to_save(model: PeftModel) -> None:
 # file each offloaded weight is read from, with the keys renamed for the peft model, to a
 # name made by appending "-peft" to the first path component that contains "--" (as in
 # the Hub cache, "models--org--name"). transformers 5 reads disk-offloaded weights straight
-# from the base model's own checkpoint, so for a base in an ordinary folder (no "--" in the
-# path) peft overwrites the user's model.safetensors with renamed keys, and the model no
-# longer loads afterwards. peft also rebuilds the path without its leading "/", so the new
-# file lands relative to the working directory (upstream: the approach of
-# huggingface/peft#1431). The fix: before peft runs, point every offloaded weight at a
+# from the base model's own checkpoint, and for a base in an ordinary folder (no "--" in the
+# path) the "new" name is the old one, rebuilt without its leading "/": for a base named by
+# a relative path (`--base models/x`) peft overwrites the user's model.safetensors with
+# renamed keys, and the model no longer loads; for an absolute path it writes a renamed copy
+# of the checkpoint under the working directory (upstream: the approach of
+# huggingface/peft#1431; canary: test_upstream_offload_rewrite_is_still_broken). The fix: before peft runs, point every offloaded weight at a
 # symlink to its file, at a cwd-relative path inside the offload folder whose first "--"
 # component is ours; peft then writes its renamed copy beside it, inside the offload
 # folder, and never touches the base model. Tested in tests/test_big_models.py (the base
