@@ -124,3 +124,27 @@ def test_prompt_learning_generation_does_not_depend_on_the_batch(tiny_lms, gener
     texts = ["alpha great bravo charlie", "golf", "kilo awful"]
     monkeypatch.undo()
     assert predict(result, texts=texts) == [predict(result, texts=[t])[0] for t in texts]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha", "ln-tuning"])
+def test_bert2bert_takes_its_encoders_default_targets(tiny_models, generative_data, tmp_path, method):
+    """A composite EncoderDecoderModel has no target table of its own: its encoder's (BERT's) applies, so the
+    weight adapters train on it without target_modules, in the encoder and the decoder alike."""
+    from peftlab.offline_models import _build_minilm2minilm
+
+    base = tmp_path / "bert2bert"
+    _build_minilm2minilm(tiny_models["bert"], base)  # BERT2BERT warm-started from the tiny BERT
+    config = build_config({
+        "model": {"name": str(base)}, "task": "seq2seq",
+        "method": {"name": method, "options": {"modules_to_save": ["crossattention"]}},
+        "data": {"train_file": str(generative_data["train"]), "validation_file": str(generative_data["validation"]),
+                 "target_column": "target", "max_length": 32, "target_max_length": 4, "max_eval_samples": 8},
+        "training": {"max_steps": 2, "batch_size": 8, "eval_strategy": "no", "progress": False, "seed": 0},
+        "output_dir": str(tmp_path / "run")})
+    result = train(config)
+    layers = {name.split(".")[2] for name, p in result.model.named_parameters()
+              if p.requires_grad and "crossattention" not in name and "classifier" not in name
+              and name.split(".")[2] in {"encoder", "decoder"}}
+    assert layers == {"encoder", "decoder"}, layers  # the adapter sits in both halves
+    plain = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(str(base)), str(result.output_dir))
+    assert plain.peft_config["default"].target_modules

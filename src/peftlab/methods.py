@@ -41,6 +41,15 @@ _EXTRA_IA3_TARGETS = {
 }
 
 
+def target_model_type(config) -> str:
+    """The model type whose target-module tables apply; a composite EncoderDecoderModel (BERT2BERT) has no
+    table of its own in peft, and its layers are named as its encoder's (the decoder is usually the same kind)."""
+    encoder = getattr(config, "encoder", None)
+    if config.model_type == "encoder-decoder" and encoder is not None:
+        return encoder.model_type
+    return config.model_type
+
+
 def _lora_arch(model_type: str) -> dict[str, Any]:
     targets = _EXTRA_LORA_TARGETS.get(model_type) or peft_tables.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
         model_type

@@ -186,9 +186,9 @@ def new_token_options(model_cfg: ModelConfig, method: str, model: transformers.P
             return options
         layers = [embed] + ([head] if head and not _tied(model) else [])
         return {**options, "trainable_token_indices": {name.split(".")[-1]: ids for name in layers}}
-    from peftlab.methods import get_method
+    from peftlab.methods import get_method, target_model_type
 
-    targets = get_method(method).resolve_options(model.config.model_type, options).get("target_modules")
+    targets = get_method(method).resolve_options(target_model_type(model.config), options).get("target_modules")
     if isinstance(targets, str):
         raise ConfigError("model.train_new_tokens=lora adds the embedding layers to method.options.target_modules, "
                           "which is a regular expression here", "give target_modules as a list")

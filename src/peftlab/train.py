@@ -33,7 +33,7 @@ from peftlab.checkpoint import TrainingInterrupted, TrainingState
 from peftlab.config import RunConfig, TrainingConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
-from peftlab.methods import MethodSpec, get_method, linear_layer_names
+from peftlab.methods import MethodSpec, get_method, linear_layer_names, target_model_type
 from peftlab.model import (fit_embeddings, load_model_config, load_tokenizer, max_positions,
                            new_token_options)
 from peftlab.progress import TrainingProgress
@@ -214,7 +214,7 @@ def build_model(config: RunConfig, task, spec, meta: dict[str, Any], tokenizer, 
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     fit_embeddings(base, tokenizer)  # room for model.add_tokens (docs/big-models.md)
     options = new_token_options(config.model, spec.name, base, tokenizer, config.method.options)
-    peft_config = spec.build(task.peft_task_type, base.config.model_type, options, model=base)
+    peft_config = spec.build(task.peft_task_type, target_model_type(base.config), options, model=base)
     spec.check_model(base, peft_config)
     if peft_config is None:  # full fine-tuning: the model itself, every weight trainable
         model = base.requires_grad_(True)
