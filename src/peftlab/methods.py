@@ -9,7 +9,7 @@ technique changes training without the loop naming it: ``make_optimizer`` (LoRA+
 ``on_schedule`` / ``on_step`` / ``state`` (AdaLoRA's rank budget), ``converts_on_save``
 (PiSSA / OLoRA, saved as a plain LoRA of the original base). Adding a technique is one
 ``register(...)`` call: a ``MethodSpec``, or one of the presets ``_lora`` (a LoraConfig variant),
-``_adapter`` (a mergeable weight adapter) and ``_prompt`` (prompt learning), which fill in what
+``_adapter`` (a mergeable weight adapter), ``_compact`` (one in the compact-adapters group) and ``_prompt`` (prompt learning), which fill in what
 every technique of that kind shares.
 """
 
@@ -254,6 +254,11 @@ def _lora(defaults: dict[str, Any] | None = None, **fields: Any) -> MethodSpec:
     return _adapter(config_cls=peft.LoraConfig, defaults={**_LORA_DEFAULTS, **(defaults or {})}, **fields)
 
 
+def _compact(**fields: Any) -> MethodSpec:
+    """A compact adapter (IA3, LoHa, LoKr, VeRA, OFT): a weight adapter listed in its own group."""
+    return _adapter(group="compact adapters", **fields)
+
+
 def _prompt(**fields: Any) -> MethodSpec:
     """A prompt-learning technique: virtual tokens; the model's own weights stay as they are, nothing to merge."""
     return MethodSpec(**{"prompt_learning": True, "group": "prompt learning", **fields})
@@ -266,13 +271,12 @@ register(_lora(
     when='the default: strong results at ~0.1-1% of the weights, merges away at no inference cost',
     trains='low-rank A, B matrices on chosen weights',
 ))
-register(_adapter(
+register(_compact(
     name="ia3",
     title="IA3 activation scaling",
     summary="IA3: learned vectors that rescale keys, values and feed-forward activations (Liu et al. 2022).",
     config_cls=peft.IA3Config,
     arch_defaults=_ia3_arch,
-    group='compact adapters',
     when='the smallest weight adapter (a few thousand numbers); good when memory or storage is tight',
     trains='scaling vectors on keys, values, feed-forward',
 ))
@@ -444,7 +448,7 @@ register(_adapter(
 
 # --- compact adapters ------------------------------------------------------------------------
 
-register(_adapter(
+register(_compact(
     name="loha",
     title="LoHa (low-rank Hadamard product)",
     summary="LoHa: the weight update as the Hadamard product of two low-rank products (Hyeon-Woo et al. 2022; "
@@ -452,11 +456,10 @@ register(_adapter(
     config_cls=peft.LoHaConfig,
     defaults={"r": 8, "alpha": 8},
     linear_only=True,
-    group="compact adapters",
     when="a higher effective rank than LoRA for the same parameter count",
     trains="two low-rank pairs per weight, multiplied elementwise",
 ))
-register(_adapter(
+register(_compact(
     name="lokr",
     title="LoKr (low-rank Kronecker product)",
     summary="LoKr: the weight update as a Kronecker product of a small and a low-rank matrix (Edalati et al. 2022; "
@@ -464,22 +467,20 @@ register(_adapter(
     config_cls=peft.LoKrConfig,
     defaults={"r": 8, "alpha": 8},
     linear_only=True,
-    group="compact adapters",
     when="very small adapters with full-rank updates (Kronecker structure)",
     trains="Kronecker factors per weight",
 ))
-register(_adapter(
+register(_compact(
     name="vera",
     title="VeRA (shared random projections)",
     summary="VeRA: one pair of frozen random low-rank matrices shared by all layers; only per-layer scaling vectors "
             "train (Kopiczko et al. 2024).",
     config_cls=peft.VeraConfig,
     defaults={"r": 256},
-    group="compact adapters",
     when="LoRA-like quality with 10x fewer trainable parameters; needs higher learning rates",
     trains="two scaling vectors per layer (shared frozen projections)",
 ))
-register(_adapter(
+register(_compact(
     name="oft",
     title="OFT (orthogonal fine-tuning)",
     summary="OFT: each weight is rotated by a trained block-diagonal orthogonal matrix, which keeps the angles "
@@ -487,7 +488,6 @@ register(_adapter(
     config_cls=peft.OFTConfig,
     defaults={"r": 0, "oft_block_size": 32},
     linear_only=True,
-    group="compact adapters",
     when="keeping the pretrained model's knowledge (less forgetting); popular for diffusion, fine for text",
     trains="block-diagonal orthogonal rotations",
 ))
