@@ -143,7 +143,7 @@ class Batcher:
                 _fail(job, AdapterNotFound(f'the adapter "{job.adapter.name}" was deleted'))
             else:
                 for i in range(len(job.items)):
-                    buckets.setdefault(self._bucket(job, i), []).append((job, i))
+                    buckets.setdefault(self._bucket(job), []).append((job, i))
         for key in [k for k in buckets if k[1] == "base"]:  # the bare base joins a mixed pass when there is one
             mixed = next((k for k in buckets if k[0] == key[0] and k[1] == "mix" and k[3:] == key[3:]), None)
             if mixed is not None:
@@ -168,19 +168,15 @@ class Batcher:
             except Exception as error:  # noqa: BLE001
                 _fail(job, error)
 
-    def _bucket(self, job: Job, row: int) -> tuple:
+    def _bucket(self, job: Job) -> tuple:
         adapter = job.adapter
         kind = "cls" if job.kind == "classify" else "gen"
         if adapter.group is None:
             where: tuple = ("base", None)
         elif self.registry.mixed_batches and adapter.group.mixable:
             where = ("mix", id(adapter.group))
-        elif adapter.group.prompt_learning and kind == "gen" and not self.registry.encoder_decoder:
-            # peft drops position ids for prompt learning, so left padding would shift a row's positions:
-            # only prompts of one length share a pass (the result is then the row's own)
-            where = ("one", adapter.name, len(job.items[row]))
         else:
-            where = ("one", adapter.name, None)
+            where = ("one", adapter.name)
         options = ()
         if job.decoding is not None:
             d = job.decoding
