@@ -266,6 +266,44 @@ def test_output_is_an_existing_file(capsys, monkeypatch, tmp_path, recipe):
     assert out.read_text() == "mine"
 
 
+def test_overwrite_never_removes_files_peftlab_did_not_write(capsys, monkeypatch, tmp_path, recipe):
+    out = Path(recipe["output_dir"])
+    out.mkdir(parents=True)
+    (out / "train.csv").write_text("text,label\n")
+    (out / "notes.txt").write_text("mine")
+    no_training_work(monkeypatch)
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--overwrite"),
+                 "holds files peftlab did not write", "notes.txt", "train.csv", "only replaces a peftlab run")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train.csv").is_file()
+
+
+def test_quickstart_refuses_a_folder_of_user_files(capsys, monkeypatch, tmp_path):
+    (tmp_path / "mydata.csv").write_text("mine")  # quickstart replaces its own output by default
+    expect_error(capsys, monkeypatch, ["quickstart", "--out", str(tmp_path)], "holds files peftlab did not write")
+    assert (tmp_path / "mydata.csv").read_text() == "mine"
+
+
+def test_failed_overwrite_keeps_the_previous_run(capsys, monkeypatch, tmp_path, recipe, trained):
+    out = copy_adapter(trained, tmp_path / "run")
+    before = snapshot(out)
+    recipe["training"]["metric_for_best"] = "bleu"  # fails at the first evaluation, after training started
+    expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--overwrite", "--output-dir", str(out)),
+                 'metric_for_best "bleu"')
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob(".run.*")), "a failed run left a temporary directory"
+
+
+def test_finished_run_keeps_user_files_in_its_checkpoint_dir(make_config, tmp_path):
+    from peftlab import train
+
+    mine = tmp_path / "scratch"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    train(make_config("bert", "lora", **{"training.max_steps": 2, "training.checkpoint_every": 1,
+                                         "training.checkpoint_dir": str(mine)}))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # the checkpoints are gone, the note is not
+
+
 def no_training_work(monkeypatch):
     """Fail the test if the run gets as far as loading data."""
     import importlib
@@ -473,3 +511,104 @@ def test_predict_jsonl_and_eval_on_a_file(capsys, monkeypatch, tmp_path, trained
     code, out, _ = run_cli(capsys, monkeypatch, "predict", str(trained), "--file", str(data), "--format", "jsonl")
     assert code in (0, None)
     assert [json.loads(line)["text"] for line in out.splitlines()] == [r["text"] for r in keyword_rows(20, seed=9)]
+
+
+def _bert_with_layers(tiny_models, folder: Path, layers: int) -> Path:
+    """The tiny BERT's architecture and hidden size with another number of layers."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    config = BertConfig.from_pretrained(tiny_models["bert"], num_hidden_layers=layers)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_adapter_on_a_base_with_another_layer_count(capsys, monkeypatch, tmp_path, trained, tiny_models, layers):
+    other = _bert_with_layers(tiny_models, tmp_path / f"bert-{layers}-layers", layers)
+    err = expect_error(capsys, monkeypatch, ["predict", str(trained), "--base", str(other), "--text", "alpha great"],
+                       "does not fit the base model", "--base")
+    assert ("the adapter file lacks" in err and "layer.2" in err) if layers == 3 else "has no counterpart" in err
+    assert "Found missing adapter keys" not in err  # peft's raw warning is replaced by the message
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_empty_text_cell_in_a_file_for_eval_and_predict(capsys, monkeypatch, tmp_path, trained, command):
+    data = tmp_path / "more.csv"
+    data.write_text("text,label\nalpha great,positive\n,negative\nbravo awful,negative\n")
+    flag = "--data" if command == "eval" else "--file"
+    expect_error(capsys, monkeypatch, [command, str(trained), flag, str(data)],
+                 '1 empty value(s) in column "text"', "rows 1", "fill or drop those rows")
+
+
+def test_validation_file_with_an_extra_column_is_read(capsys, monkeypatch, tmp_path, recipe):
+    rows = keyword_rows(32, seed=5)
+    recipe["data"]["validation_file"] = str(write_csv(tmp_path / "extra.csv", [{**r, "note": "x"} for r in rows]))
+    recipe["training"]["max_steps"] = 2
+    code, _, err = run_cli(capsys, monkeypatch, *train_args(tmp_path, recipe))
+    assert code in (0, None), err
+    assert json.loads((Path(recipe["output_dir"]) / "metrics.json").read_text())["samples"] == 32
+
+
+def test_a_needed_column_missing_from_the_validation_file_is_named(capsys, monkeypatch, tmp_path, recipe):
+    rows = [{"review": r["text"], "label": r["label"]} for r in keyword_rows(32, seed=5)]
+    recipe["data"]["validation_file"] = str(write_csv(tmp_path / "renamed.csv", rows))
+    err = expect_error(capsys, monkeypatch, train_args(tmp_path, recipe), 'the eval split has no column "text"',
+                       "its columns are: review, label", output=Path(recipe["output_dir"]))
+    assert len(err.strip().splitlines()) == 2  # one error line, one hint line: no datasets error with a web link
+
+
+@pytest.mark.parametrize("item, fragment", [("=3", "no key before `=`"), ("training..seed=3", "an empty part")])
+def test_override_without_a_key(capsys, monkeypatch, tmp_path, recipe, item, fragment):
+    err = expect_error(capsys, monkeypatch, train_args(tmp_path, recipe, "--set", item), fragment,
+                       "--set SECTION.KEY=VALUE")
+    assert "unknown key" not in err
+
+
+def test_eval_labels_outside_the_label_set_get_a_hint(capsys, monkeypatch, tmp_path, trained):
+    data = write_csv(tmp_path / "more.csv", [{"text": "alpha great", "label": "good"},
+                                             {"text": "bravo awful", "label": "negative"}])
+    expect_error(capsys, monkeypatch, ["eval", str(trained), "--data", str(data)],
+                 "1 label(s) outside the label set [negative, positive]: 'good'", "hint:",
+                 "trained on these label names")
+
+
+def test_single_class_eval_data_says_so_once(capsys, monkeypatch, tmp_path, trained):
+    rows = [r for r in keyword_rows(40, seed=9) if r["label"] == "positive"]
+    data = write_csv(tmp_path / "positive.csv", rows)
+    code, out, err = run_cli(capsys, monkeypatch, "eval", str(trained), "--data", str(data), "--json")
+    assert code in (0, None), err
+    assert json.loads(out)["samples"] == len(rows)
+    assert 'holds a single label ("positive"' in err and "MCC is 0 by definition" in err
+    assert "sklearn" not in err and "y_true" not in err  # scikit-learn's raw warning is not shown
+
+
+def test_a_run_made_with_relative_paths_works_from_another_directory(capsys, monkeypatch, tmp_path, tiny_models):
+    import shutil
+
+    work = tmp_path / "project"
+    shutil.copytree(tiny_models["bert"], work / "models" / "bert")
+    write_csv(work / "train.csv", keyword_rows(64, seed=1))
+    write_csv(work / "validation.csv", keyword_rows(16, seed=2))
+    recipe = {"model": {"name": "models/bert"}, "data": {"train_file": "train.csv", "validation_file": "validation.csv"},
+              "training": {"max_steps": 2, "progress": False}, "output_dir": "runs/rel"}
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(capsys, monkeypatch, "train", "recipe.yaml")
+    assert code in (0, None), err
+    run = work / "runs" / "rel"
+    saved = yaml.safe_load((run / "peftlab.yaml").read_text())
+    assert saved["model"]["name"] == str(work / "models" / "bert")
+    assert saved["data"]["train_file"] == str(work / "train.csv")
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        work / "models" / "bert")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_cli(capsys, monkeypatch, "eval", str(run), "--json")
+    assert code in (0, None), err
+    assert json.loads(out)["samples"] == 16
+    code, out, err = run_cli(capsys, monkeypatch, "predict", str(run), "--text", "alpha great", "--format", "jsonl")
+    assert code in (0, None), err
+    assert json.loads(out)["label"] in {"positive", "negative"}

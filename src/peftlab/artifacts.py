@@ -58,6 +58,7 @@ MODEL_WEIGHTS = "model.safetensors"  # full fine-tuning: the whole model (transf
 RUN_CONFIG = "peftlab.yaml"
 RUN_RECORD = "peftlab.json"
 METRICS = "metrics.json"
+MERGE_RECORD = "peftlab-merge.json"  # beside a merged model (peftlab merge)
 
 
 def library_versions() -> dict[str, str]:
@@ -85,9 +86,16 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     """Fail before any work if the output directory would be clobbered or cannot be written."""
     if path.exists() and not path.is_dir():
         raise PeftlabError(f"output_dir {path} is a file, not a directory", "choose another output_dir")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise PeftlabError(f"output directory {path} already exists and is not empty",
-                           "choose another output_dir, or pass --overwrite")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise PeftlabError(f"output directory {path} already exists and is not empty",
+                               "choose another output_dir, or pass --overwrite")
+        if not is_peftlab_output(path):
+            found = sorted(p.name for p in path.iterdir())
+            listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise PeftlabError(f"output directory {path} holds files peftlab did not write ({listed}); "
+                               "--overwrite only replaces a peftlab run",
+                               "choose another output_dir (a new or empty folder); nothing was changed")
     parent = path.absolute().parent
     while not parent.exists():  # the nearest folder that exists: the run's folders are made inside it
         parent = parent.parent
@@ -97,6 +105,14 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PeftlabError(f"cannot write output directory {path}: {parent} is not writable",
                            "choose an output_dir in a folder you can write to")
+
+
+PEFTLAB_RECORDS = (RUN_RECORD, MERGE_RECORD)  # a run (train, combine) / a merged model (merge)
+
+
+def is_peftlab_output(path: Path) -> bool:
+    """A folder peftlab wrote: a run or a merged model (what --overwrite may replace)."""
+    return any((path / name).is_file() for name in PEFTLAB_RECORDS)
 
 
 _STAGING = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
@@ -338,26 +354,44 @@ def _peft_config(path: Path) -> PeftConfig:
     return config
 
 
-def _normalise(key: str) -> str:
+def _normalise(key: str, adapter_name: str = "default") -> str:
     # peft stores keys without the adapter name; the live state dict may include it
-    return key.replace(".default", "")
+    return key.replace(f".{adapter_name}", "")
+
+
+def _listed(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Path, base: str,
                  adapter_name: str = "default") -> None:
-    """Every stored tensor of the adapter has a counterpart of the same shape in the loaded model."""
+    """The adapter file and the adapter peft built on the base hold the same tensors, of the same shapes.
+
+    A stored tensor without a counterpart, or of another shape, means another base; an adapter
+    tensor of the model that the file lacks (a base with more layers, other layer names) would
+    silently keep its initial value, so it is refused as well.
+    """
     with warnings.catch_warnings():  # peft notes that it would save a resized embedding: not a save here
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        live = {_normalise(k): tuple(v.shape) for k, v in state.items()}
+        live = {_normalise(k, adapter_name): tuple(v.shape) for k, v in state.items()}
+        # without the embedding layers peft may add when the vocabulary was resized: those are optional in a file
+        required = {_normalise(k, adapter_name) for k in get_peft_model_state_dict(
+            model, adapter_name=adapter_name, save_embedding_layers=False)}
+    hint = "it was made for a different base model; pass the right one with --base"
     for key, shape in shapes.items():
-        have = live.get(_normalise(key))
+        have = live.get(_normalise(key, adapter_name))
         if have is None or have != shape:
             raise AdapterError(
                 f"the adapter in {path} does not fit the base model {base}: "
                 + (f"tensor {key} has no counterpart" if have is None else f"{key} is {shape}, the model has {have}"),
-                "it was made for a different base model; pass the right one with --base",
-            )
+                hint)
+    missing = sorted(required - {_normalise(key, adapter_name) for key in shapes})
+    if missing:
+        raise AdapterError(
+            f"the adapter in {path} does not fit the base model {base}: the model has {len(missing)} adapter "
+            f"tensor(s) the adapter file lacks ({_listed(missing)}), so they would keep their initial values "
+            "(a base with more layers or other layer names?)", hint)
 
 
 def _original_base(peft_config: PeftConfig, model_cfg: ModelConfig) -> dict[str, Any] | None:
@@ -490,6 +524,7 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         with warnings.catch_warnings(), placement.quiet_dispatch():
             # on an offloaded base, peft's re-dispatch puts the adapter weights with the layers (expected no-op copy)
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")  # check_loaded names them
             model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False, config=peft_config,
                                               **_placement_kwargs(base_model, model_cfg))
     except (RuntimeError, ValueError, KeyError) as error:

@@ -52,6 +52,19 @@ def saved(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
 
 
+def clear(root: Path) -> None:
+    """Remove the checkpoints peftlab wrote under ``root`` (and ``root`` once empty); nothing else in it."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.is_dir() and (path.name.startswith(PREFIX) or path.name.startswith(f".tmp-{PREFIX}")):
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+        root.rmdir()
+    except OSError:  # the user's own files stay (training.checkpoint_dir may be a folder of theirs)
+        pass
+
+
 def latest(root: Path) -> Path | None:
     found = saved(root)
     return found[-1] if found else None
@@ -224,7 +237,12 @@ def restore(path: Path, accelerator, model: torch.nn.Module, optimizer, schedule
     except (OSError, json.JSONDecodeError) as error:
         raise PeftlabError(f"checkpoint {path} is unreadable: {error}",
                            f"delete {path} to resume from the checkpoint before it") from None
-    changed = _differences(saved_state["config"], config.to_dict())
+    saved_config = saved_state["config"]
+    try:  # a checkpoint from before runs stored absolute paths: compare like with like
+        saved_config = RunConfig.model_validate(saved_config).with_absolute_paths().to_dict()
+    except Exception:  # noqa: BLE001 - an unreadable old config is reported by the comparison below
+        pass
+    changed = _differences(saved_config, config.to_dict())
     if changed:
         raise ConfigError(f"the config differs from the checkpointed run's: {'; '.join(changed)}",
                           "resume with the same recipe and overrides, or start over with --overwrite")

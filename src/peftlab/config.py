@@ -251,6 +251,27 @@ class RunConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def with_absolute_paths(self) -> RunConfig:
+        """The same run with its local paths (a model folder, data files, offload and checkpoint folders)
+        made absolute, so that the saved run works from any working directory.
+
+        A ``model.name`` is a path only when such a folder exists here (else it is a Hub id); the
+        output directory stays as given (a run directory may be moved).
+        """
+        def absolute(value: str | None, must_exist: bool = False) -> str | None:
+            if not value or (must_exist and not Path(value).exists()):
+                return value
+            path = Path(value).expanduser()
+            return value if path.is_absolute() else str(path.absolute())
+
+        return self.model_copy(update={
+            "model": self.model.model_copy(update={"name": absolute(self.model.name, must_exist=True),
+                                                   "offload_folder": absolute(self.model.offload_folder)}),
+            "data": self.data.model_copy(update={key: absolute(getattr(self.data, key)) for key in
+                                                 ("train_file", "validation_file", "test_file")}),
+            "training": self.training.model_copy(update={"checkpoint_dir": absolute(self.training.checkpoint_dir)}),
+        })
+
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -330,6 +351,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f'override "{item}" is not key=value', "e.g. --set training.learning_rate=1e-3")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            raise ConfigError(f'override "{item}" has ' + ("no key before `=`" if not key.strip() else
+                                                           f"an empty part in the key `{key.strip()}`"),
+                              "write --set SECTION.KEY=VALUE, e.g. --set training.learning_rate=1e-3")
         node = raw
         for part in parts[:-1]:
             child = node.get(part)

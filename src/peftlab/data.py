@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pandas as pd
@@ -138,15 +139,19 @@ def _load_files(cfg: DataConfig, role: str | None = None) -> datasets.DatasetDic
     if len(formats) != 1:
         raise DataError("all data files must have the same format", f"got {', '.join(sorted(formats))}")
     fmt = formats.pop()
-    kwargs = {"delimiter": "\t"} if fmt == "csv" and any(str(p).endswith(".tsv") for p in files.values()) else {}
-    try:
-        return datasets.load_dataset(fmt, data_files=files, **kwargs)
-    except Exception as error:  # datasets wraps parser errors in several types
-        cause = error.__cause__ or error
-        raise DataError(
-            f"could not read the data files ({', '.join(files.values())}): {type(cause).__name__}: {cause}",
-            f"check that each file is valid {fmt.upper()}",
-        ) from None
+    # each file on its own: datasets refuses files whose columns differ (an extra, unused column in one split),
+    # and which columns a split needs is the task's business (require_columns names a missing one)
+    loaded = {}
+    for split, path in files.items():
+        kwargs = {"delimiter": "\t"} if fmt == "csv" and str(path).endswith(".tsv") else {}
+        try:
+            loaded[split] = datasets.load_dataset(fmt, data_files={split: path}, **kwargs)[split]
+        except Exception as error:  # datasets wraps parser errors in several types
+            cause = error.__cause__ or error
+            first_line = (str(cause).strip().splitlines() or [""])[0]
+            raise DataError(f"could not read {role or f'the {split} file'} {path}: {type(cause).__name__}: "
+                            f"{first_line}", f"check that the file is valid {fmt.upper()}") from None
+    return datasets.DatasetDict(loaded)
 
 
 def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
@@ -227,3 +232,15 @@ def require_columns(dataset: datasets.Dataset, columns: dict[str, str | None], w
                 f'{where} has no column "{column}" (data.{role}){did_you_mean(column, dataset.column_names)}',
                 f"its columns are: {', '.join(dataset.column_names)}; set data.{role}",
             )
+
+
+def require_text(values: list[Any], column: str, where: str) -> None:
+    """A readable error for empty cells (a blank CSV cell reads as None) in a text column."""
+    empty = [i for i, v in enumerate(values) if v is None or str(v).strip() == ""]
+    if empty:
+        raise DataError(
+            f'{where} has {len(empty)} empty value(s) in column "{column}" '
+            f"(rows {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}; counted from 0, "
+            "after the header)",
+            "fill or drop those rows",
+        )

@@ -30,7 +30,7 @@ from peftlab import artifacts, compat
 from peftlab.errors import AdapterError, PeftlabError
 from peftlab.progress import warn
 
-MERGE_RECORD = "peftlab-merge.json"
+MERGE_RECORD = artifacts.MERGE_RECORD
 COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                 "dare_ties_svd", "magnitude_prune")
 

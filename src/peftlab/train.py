@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -199,7 +198,7 @@ def _resume_point(config: RunConfig, resume: bool, overwrite: bool, main_process
             raise PeftlabError(f"{root} holds checkpoints of an unfinished run (latest: {found.name})",
                                "continue it with --resume, or start over with --overwrite")
         if main_process:
-            shutil.rmtree(root)
+            checkpoint.clear(root)
     return None
 
 
@@ -271,6 +270,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
         on_event: called with ("step", {step, loss, ...}), ("evaluation", metrics) and ("checkpoint", {step, path}),
             for callers that report progress.
     """
+    config = config.with_absolute_paths()  # the saved run (and its adapter_config.json) works from anywhere
     out = Path(config.output_dir)
     artifacts.check_output_dir(out, overwrite)
     _check_placement(config.model)
@@ -499,7 +499,7 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
             adapter_bytes = artifacts.weights_bytes(staging)
     accelerator.wait_for_everyone()
     if main_process:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoint.clear(checkpoints)
     else:
         adapter_bytes = 0
 

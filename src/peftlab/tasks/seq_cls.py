@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,7 +14,7 @@ from sklearn import metrics as skm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from peftlab.config import DataConfig, ModelConfig
-from peftlab.data import require_columns
+from peftlab.data import require_columns, require_text
 from peftlab.errors import DataError
 from peftlab.model import load_base
 from peftlab.tasks.base import model_device
@@ -46,16 +47,9 @@ class SequenceClassification:
                    "label_column": data.label_column}
         for split in ("train", "eval"):
             require_columns(splits[split], columns, f"the {split} split")
-            for role in ("text_column", "text_pair_column"):
-                column = columns[role]
+            for column in (data.text_column, data.text_pair_column):
                 if column:
-                    empty = [i for i, v in enumerate(splits[split][column]) if v is None or str(v).strip() == ""]
-                    if empty:
-                        raise DataError(
-                            f'the {split} split has {len(empty)} empty value(s) in column "{column}" '
-                            f"(rows {', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''})",
-                            "fill or drop those rows",
-                        )
+                    require_text(splits[split][column], column, f"the {split} split")
         if data.regression:
             for split in ("train", "eval"):
                 bad = [v for v in splits[split][data.label_column] if not isinstance(v, (int, float))]
@@ -106,6 +100,9 @@ class SequenceClassification:
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
         text, pair, label = data.text_column, data.text_pair_column, data.label_column
         require_columns(dataset, {"text_column": text, "text_pair_column": pair}, where)
+        for column in (text, pair):
+            if column:
+                require_text(dataset[column], column, where)
         has_labels = label in dataset.column_names
 
         def tokenize(batch):
@@ -128,7 +125,12 @@ class SequenceClassification:
             warn(f"{long_rows} of {len(dataset)} rows in {where} are longer than max_length={max_length} tokens "
                  "and were truncated (raise data.max_length to keep more of each text)")
         if has_labels and not meta["regression"] and any(v is None for v in encoded["labels"]):
-            raise DataError(f"{where} has labels outside the label set [{', '.join(meta['labels'])}]")
+            outside = [v for v in dataset[label] if self._label_id(v, meta) is None]
+            kind = "label indices" if meta["label_kind"] == "index" else "label names"
+            raise DataError(f"{where} has {len(outside)} label(s) outside the label set "
+                            f"[{', '.join(meta['labels'])}]: {_examples(outside)}",
+                            f"the model was trained on these {kind}: use data labelled with them "
+                            f"(or point data.label_column at the column that is)")
         return encoded
 
     def collator(self, tokenizer: PreTrainedTokenizerBase):
@@ -198,9 +200,18 @@ class SequenceClassification:
             return result
         pred, gold = logits.argmax(-1).numpy(), labels.numpy()
         binary = len(meta["labels"]) == 2
-        result["accuracy"] = float(skm.accuracy_score(gold, pred))
-        result["f1"] = float(skm.f1_score(gold, pred, average="binary" if binary else "macro", zero_division=0))
-        result["mcc"] = float(skm.matthews_corrcoef(gold, pred))
+        present = sorted(set(gold.tolist()))
+        if len(present) == 1:
+            warn(f'the evaluation data holds a single label ("{meta["labels"][present[0]]}" in all {len(gold)} rows): '
+                 "accuracy is the share predicted as it, MCC is 0 by definition and F1 says little; evaluate on data "
+                 "with every label for comparable figures")
+        with warnings.catch_warnings():  # scikit-learn's own notes on one-label data: said once, above
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result["accuracy"] = float(skm.accuracy_score(gold, pred))
+            result["f1"] = float(skm.f1_score(gold, pred, average="binary" if binary else "macro",
+                                              zero_division=0))
+            result["mcc"] = float(skm.matthews_corrcoef(gold, pred))
         return result
 
     def encode_rows(self, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int | None):
@@ -237,6 +248,9 @@ class SequenceClassification:
         missing = [c for c in (text, pair) if c and any(c not in r for r in rows)]
         if missing:
             raise DataError(f'the input has no "{missing[0]}" field', f"set data.{'text_pair_column' if missing[0] == pair else 'text_column'} or rename the field")
+        for column in (text, pair):
+            if column:
+                require_text([r[column] for r in rows], column, "the input")
         outputs = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
