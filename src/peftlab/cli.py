@@ -221,6 +221,8 @@ def methods(
                   f"mergeable: {info['mergeable']}; tasks: {', '.join(info['tasks'])}")
         if spec.linear_only:
             out.print("layers: torch.nn.Linear only (not GPT-2-style Conv1D)")
+        if info.get("architectures"):
+            out.print(escape(f"architectures: {info['architectures']}"))
         out.print(escape(f"defaults{' for ' + model_type if model_type else ''}: {info['defaults'] or ('(none)' if spec.full else '(peft defaults)')}"))
         if not model_type and spec.needs_targets and not spec.model_defaults:
             out.print("target modules: per architecture (use --model-type to see them)")

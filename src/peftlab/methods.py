@@ -16,7 +16,9 @@ every technique of that kind shares.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,18 +28,35 @@ import torch
 from peft.utils import constants as peft_tables
 
 from peftlab.errors import MethodError, did_you_mean
+from peftlab.model import untrained_modules
 
 # Fields of peft configs that peftlab sets itself; users do not pass them as options.
 _MANAGED_FIELDS = {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision",
                    "inference_mode", "peft_version"}
 
+# The encoder families transformers ships a sequence-classification head for that users commonly fine-tune: each
+# has default targets for every weight adapter (a table entry below or in peft's tables;
+# tests/test_encoder_families.py).
+# An encoder not listed still gets targets read off the loaded model (_attention_targets).
+ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "deberta", "deberta-v2", "albert", "mpnet",
+                    "distilbert", "electra", "modernbert")
+
 # Where peft's own target-module tables have no entry, peftlab adds one.
 _EXTRA_LORA_TARGETS = {
     "distilbert": ["q_lin", "v_lin"],
+    "camembert": ["query", "value"],  # a RoBERTa
+    "albert": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "modernbert": ["Wqkv"],  # fused query/key/value projection
 }
 _EXTRA_IA3_TARGETS = {
     "xlm-roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "camembert": (["key", "value", "output.dense"], ["output.dense"]),
+    "electra": (["key", "value", "output.dense"], ["output.dense"]),
     "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+    "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
+    "mpnet": (["k", "v", "output.dense"], ["output.dense"]),
+    "modernbert": (["Wqkv", "mlp.Wo"], ["mlp.Wo"]),
 }
 
 
@@ -80,8 +99,11 @@ def _adalora_arch(model_type: str) -> dict[str, Any]:
 
 
 # LayerNorm module names where peft's LN-tuning table has no entry (BERT-family encoders name them LayerNorm).
-_EXTRA_LN_TARGETS = {name: ["LayerNorm"] for name in ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra")}
+_EXTRA_LN_TARGETS = {name: ["LayerNorm"] for name in ("bert", "roberta", "xlm-roberta", "camembert", "deberta",
+                                                      "deberta-v2", "electra", "mpnet")}
 _EXTRA_LN_TARGETS["distilbert"] = ["sa_layer_norm", "output_layer_norm"]
+_EXTRA_LN_TARGETS["albert"] = ["LayerNorm", "full_layer_layer_norm"]
+# (ModernBERT: read off the model, _norm_layers: its first layer's attn_norm is an Identity, not a norm)
 
 
 def _ln_arch(model_type: str) -> dict[str, Any]:
@@ -94,11 +116,133 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D (GPT-2 style)
 
 
+# --- defaults read off the loaded model, where the tables have no entry -------------------------
+
+_QUERY_NAMES = {"q", "query", "q_proj", "query_proj", "q_lin", "wq"}
+_KEY_NAMES = {"k", "key", "k_proj", "key_proj", "k_lin", "wk"}
+_VALUE_NAMES = {"v", "value", "v_proj", "value_proj", "v_lin", "wv"}
+_FUSED_QKV = re.compile(r"qkv|in_proj|query_key_value|c_attn", re.IGNORECASE)
+_TARGET_FIELDS = {"target_modules", "feedforward_modules"}
+
+
+def _attention_linears(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers inside the model's attention modules, in order of appearance."""
+    names: list[str] = []
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower():
+            continue
+        for sub, layer in module.named_modules():
+            short = sub.rpartition(".")[2]
+            if sub and (isinstance(layer, torch.nn.Linear) or _is_conv1d(layer)) and short not in names:
+                names.append(short)
+    return names
+
+
+def _attention_targets(model: torch.nn.Module, *kinds: set[str]) -> list[str]:
+    """The attention's projections of the given kinds (query / key / value names), else its fused projection."""
+    linears = _attention_linears(model)
+    chosen = [next((n for n in linears if n.lower() in kind), None) for kind in kinds]
+    if all(chosen):
+        return chosen
+    return [n for n in linears if _FUSED_QKV.search(n)][:1]
+
+
+def _lora_from_model(model: torch.nn.Module) -> dict[str, Any]:
+    """LoRA-style targets of an architecture without a table entry: the attention's query and value layers."""
+    targets = _attention_targets(model, _QUERY_NAMES, _VALUE_NAMES)
+    return {"target_modules": targets} if targets else {}
+
+
+def _ia3_from_model(model: torch.nn.Module) -> dict[str, Any]:
+    """IA3's targets without a table entry: the attention's keys and values (no feed-forward layer is guessed)."""
+    targets = _attention_targets(model, _KEY_NAMES, _VALUE_NAMES)
+    return {"target_modules": targets, "feedforward_modules": []} if targets else {}
+
+
+def _norm_layers(model: torch.nn.Module) -> dict[str, Any]:
+    """LN tuning's targets without a table entry: exactly the normalisation layers that have weights."""
+    names = [name for name, module in model.named_modules()
+             if name and "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(False))]
+    return {"target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$"} if names else {}
+
+
+def _int_attr(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None)  # through the config's attribute_map (DistilBERT: n_layers, n_heads, dim)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _prompt_dims(model: torch.nn.Module) -> dict[str, Any]:
+    """Prompt / P-tuning: virtual tokens enter as input embeddings, so token_dim is the input embedding's width
+    (ALBERT: embedding_size, not hidden_size); layers and heads through the config's own attribute names."""
+    dims = {"num_layers": _int_attr(model.config, "num_hidden_layers"),
+            "num_attention_heads": _int_attr(model.config, "num_attention_heads")}
+    try:
+        dims["token_dim"] = int(model.get_input_embeddings().weight.shape[1])
+    except (AttributeError, NotImplementedError, IndexError):
+        pass
+    return {k: v for k, v in dims.items() if v}
+
+
+def _prefix_dims(model: torch.nn.Module) -> dict[str, Any]:
+    """Prefix tuning: keys and values per layer, so token_dim is the attention's width (the hidden size)."""
+    dims = {"num_layers": _int_attr(model.config, "num_hidden_layers"),
+            "num_attention_heads": _int_attr(model.config, "num_attention_heads"),
+            "token_dim": _int_attr(model.config, "hidden_size")}
+    return {k: v for k, v in dims.items() if v}
+
+
+# --- does the model consume a key/value cache (prefix tuning's way into every layer)? -----------
+
+_CACHE_ARGS = {"past_key_values", "cache", "past_key_value", "layer_past"}
+
+
+def _forward_params(cls: type) -> set[str]:
+    try:
+        return set(inspect.signature(cls.forward).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return set()
+
+
+def _consumes_cache(top: type, backbone: type, attention: list[type]) -> bool:
+    """peft hands prefixes over as ``past_key_values`` of the model or its backbone (``cache=`` in transformers
+    5.2x's BERT family, compat.py); they only act if the attention layers take that cache."""
+    entry = "past_key_values" in _forward_params(top) or bool({"past_key_values", "cache"} & _forward_params(backbone))
+    return entry and any(_CACHE_ARGS & _forward_params(cls) for cls in attention)
+
+
+def takes_kv_cache(model: torch.nn.Module) -> bool:
+    """Whether the loaded model feeds a key/value cache to its attention layers."""
+    backbone = getattr(model, "base_model", model)
+    attention = list({type(m) for m in model.modules() if "attention" in type(m).__name__.lower()})
+    return _consumes_cache(type(model), type(backbone), attention)
+
+
+def kv_cache_support(model_type: str) -> bool | None:
+    """:func:`takes_kv_cache` for an architecture's sequence-classification class, from transformers' code alone
+    (no model built); None when transformers has no such class."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    try:
+        top = getattr(transformers, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[model_type])
+        backbone = getattr(transformers, modeling_auto.MODEL_MAPPING_NAMES[model_type])
+    except (KeyError, AttributeError, ImportError):
+        return None
+    module = sys.modules.get(backbone.__module__)
+    attention = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+                 and "attention" in obj.__name__.lower()] if module else []
+    return _consumes_cache(top, backbone, attention)
+
+
 def _bias_layers(model: torch.nn.Module) -> dict[str, Any]:
-    """BitFit's targets: every linear layer that has a bias (the classification head is trained whole anyway)."""
+    """BitFit's targets: every linear layer that has a bias, except those of the head, which is trained whole
+    anyway (modules_to_save: peft's classifier / score, matched by name suffix as peft does, so DistilBERT's
+    pre_classifier too, and what the checkpoint lacked, such as DeBERTa's pooler)."""
+    whole = untrained_modules(model)
     names = [name for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and module.bias is not None
-             and not any(part in {"classifier", "score", "lm_head"} for part in name.split("."))]
+             and not any(part.endswith(("classifier", "score", "lm_head")) for part in name.split("."))
+             and not any(name == w or name.startswith(w + ".") for w in whole)]
     if not names:
         conv = any(_is_conv1d(m) for m in model.modules())
         raise MethodError(
@@ -135,6 +279,13 @@ class MethodSpec:
     build_defaults: dict[str, Any] = field(default_factory=dict)
     # defaults read off the loaded model (BitFit: the linear layers that have a bias); may raise MethodError
     model_defaults: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+    # defaults read off the loaded model beneath the architecture's table: targets where the table has no entry
+    # (the attention's query/value layers of an unknown encoder), prompt learning's token_dim / layers / heads;
+    # never raises, {} when it finds nothing
+    model_fallback: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+    # feeds trained keys/values to every layer through the model's key/value cache (prefix tuning): refused on
+    # models whose attention takes none (takes_kv_cache)
+    needs_kv_cache: bool = False
     # hooks: the optimizer (model, lr, weight_decay, options) -> torch optimizer; default AdamW
     make_optimizer: Callable[..., torch.optim.Optimizer] | None = None
     # once the step budget is known: (peft model, total_steps, user options) -> notes for the run record
@@ -179,14 +330,19 @@ class MethodSpec:
 
     def resolve_options(self, model_type: str, options: dict[str, Any],
                         model: torch.nn.Module | None = None) -> dict[str, Any]:
-        """General defaults < architecture defaults < defaults read off the model < the user's options.
+        """General defaults < fallbacks read off the model < architecture defaults < defaults read off the model
+        < the user's options.
 
         peftlab's own options (``extra_options``) are not included: they are not peft config fields.
         """
         options = {k: v for k, v in options.items() if k not in self.extra_options}
+        arch = self.arch_defaults(model_type)
         from_model = self.model_defaults(model) if self.model_defaults and model is not None and (
             "target_modules" not in options) else {}
-        resolved = {**self.defaults, **self.arch_defaults(model_type), **from_model, **options}
+        fallback = self.model_fallback(model) if self.model_fallback and model is not None else {}
+        if "target_modules" in arch or "target_modules" in options:  # the table or the user named the targets
+            fallback = {k: v for k, v in fallback.items() if k not in _TARGET_FIELDS}
+        resolved = {**self.defaults, **fallback, **arch, **from_model, **options}
         if self.needs_targets and not resolved.get("target_modules") and not (self.model_defaults and model is None):
             raise MethodError(
                 f'method "{self.name}" has no default target modules for architecture "{model_type}"',
@@ -201,13 +357,39 @@ class MethodSpec:
         if self.config_cls is None:
             return None
         resolved = {**self.build_defaults, **self.resolve_options(model_type, options, model)}
+        if model is not None:  # weights the base checkpoint lacked train and save with the adapter
+            untrained = self._save_names(model, untrained_modules(model, _PEFT_SAVES.get(task_type, ())))
+            if untrained:
+                resolved["modules_to_save"] = list(dict.fromkeys([*(resolved.get("modules_to_save") or []),
+                                                                  *untrained]))
         try:
             return self.config_cls(task_type=task_type, **resolved)
         except (TypeError, ValueError) as error:
             raise MethodError(f'invalid options for method "{self.name}": {error}') from None
 
+    def _save_names(self, model: torch.nn.Module, names: list[str]) -> list[str]:
+        """``modules_to_save`` entries for modules of ``model`` (full names). peft matches an entry against the
+        names in the PeftModel by string suffix (``key.endswith(entry)``), so a bare name can catch modules peft
+        adds itself (ModernBERT's ``head`` would catch P-tuning's ``prompt_encoder.default.mlp_head``) or
+        another module of the model. Those entries carry the PeftModel path: ``base_model.`` + name under prompt
+        learning, where PeftModel.base_model is the transformers model, ``base_model.model.`` + name under a
+        tuner. Bare names are kept where they are unambiguous: peft's guard that keeps adapter layers out of
+        saved modules matches bare names only."""
+        if self.prompt_learning:
+            return [f"base_model.{name}" for name in names]
+        every = [other for other, _ in model.named_modules()]
+        return [f"base_model.model.{name}" if any(o != name and o.endswith(name) for o in every) else name
+                for name in names]
+
     def check_model(self, model: torch.nn.Module, peft_config: peft.PeftConfig | None) -> None:
-        """Refuse, before peft touches the model, a layer type the technique does not handle."""
+        """Refuse, before peft touches the model, a layer type or an attention the technique does not handle."""
+        if self.needs_kv_cache and not takes_kv_cache(model):
+            others = [n for n, s in METHODS.items() if s.prompt_learning and not s.needs_kv_cache]
+            raise MethodError(
+                f'method "{self.name}" does not support the {target_model_type(model.config)} architecture: its '
+                f"attention layers take no key/value cache ({type(model).__name__}), and {self.title.split(' (')[0]} "
+                "hands its trained prefixes to every layer through that cache",
+                f"use lora (or {' / '.join(others)}: prompt learning at the input) on this model")
         if not self.linear_only or peft_config is None:
             return
         from peft.tuners.tuners_utils import check_target_module_exists
@@ -225,6 +407,10 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+
+# Modules peft already trains and saves for a task type, named as its modules_to_save rule matches them
+# (PeftModelForSequenceClassification adds these to every SEQ_CLS config); untrained_modules() skips what they hold.
+_PEFT_SAVES = {"SEQ_CLS": ("classifier", "score")}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -245,8 +431,10 @@ _LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
 
 
 def _adapter(**fields: Any) -> MethodSpec:
-    """A weight adapter on chosen layers (targets from the architecture's table), mergeable into the base."""
-    return MethodSpec(**{"arch_defaults": _lora_arch, "mergeable": True, "needs_targets": True, **fields})
+    """A weight adapter on chosen layers (targets from the architecture's table, else the attention's query and
+    value layers read off the model), mergeable into the base."""
+    return MethodSpec(**{"arch_defaults": _lora_arch, "model_fallback": _lora_from_model, "mergeable": True,
+                         "needs_targets": True, **fields})
 
 
 def _lora(defaults: dict[str, Any] | None = None, **fields: Any) -> MethodSpec:
@@ -260,8 +448,10 @@ def _compact(**fields: Any) -> MethodSpec:
 
 
 def _prompt(**fields: Any) -> MethodSpec:
-    """A prompt-learning technique: virtual tokens; the model's own weights stay as they are, nothing to merge."""
-    return MethodSpec(**{"prompt_learning": True, "group": "prompt learning", **fields})
+    """A prompt-learning technique: virtual tokens; the model's own weights stay as they are, nothing to merge.
+    Their sizes are read off the model (input embedding width, or the attention's width for prefixes)."""
+    return MethodSpec(**{"prompt_learning": True, "group": "prompt learning", "model_fallback": _prompt_dims,
+                         **fields})
 
 
 register(_lora(
@@ -277,6 +467,7 @@ register(_compact(
     summary="IA3: learned vectors that rescale keys, values and feed-forward activations (Liu et al. 2022).",
     config_cls=peft.IA3Config,
     arch_defaults=_ia3_arch,
+    model_fallback=_ia3_from_model,
     when='the smallest weight adapter (a few thousand numbers); good when memory or storage is tight',
     trains='scaling vectors on keys, values, feed-forward',
 ))
@@ -287,6 +478,8 @@ register(_prompt(
             "during training (Li & Liang 2021).",
     config_cls=peft.PrefixTuningConfig,
     defaults={"num_virtual_tokens": 20, "prefix_projection": True},
+    model_fallback=_prefix_dims,
+    needs_kv_cache=True,
     when='generation tasks on large models; trains no weights of the model itself',
     trains='key/value prefixes in every layer (via an MLP)',
 ))
@@ -297,6 +490,8 @@ register(_prompt(
             "(Liu et al. 2021); prefix tuning as used for understanding tasks.",
     config_cls=peft.PrefixTuningConfig,
     defaults={"num_virtual_tokens": 20, "prefix_projection": False},
+    model_fallback=_prefix_dims,
+    needs_kv_cache=True,
     when='understanding tasks (classification, tagging) with deep prompts; close to full fine-tuning on large models',
     trains='key/value prefixes in every layer',
 ))
@@ -502,6 +697,7 @@ register(_adapter(
             "LNTuningConfig).",
     config_cls=peft.LNTuningConfig,
     arch_defaults=_ln_arch,
+    model_fallback=_norm_layers,
     group="selective (BitFit, LayerNorm)",
     when="a strong, tiny baseline (0.01-0.1% of the weights); often close to LoRA on classification",
     trains="the LayerNorm / RMSNorm weights and biases",
@@ -514,6 +710,7 @@ register(_adapter(
     config_cls=peft.BeftConfig,
     arch_defaults=_no_arch,
     model_defaults=_bias_layers,
+    model_fallback=None,
     linear_only=True,
     group="selective (BitFit, LayerNorm)",
     when="the smallest baseline on encoders with biases (BERT, RoBERTa, BART, Qwen2); models without biases "
@@ -574,5 +771,38 @@ def describe(spec: MethodSpec, model_type: str | None = None) -> dict[str, Any]:
     elif model_type and spec.config_cls is not None:
         info["defaults"] = {**spec.resolve_options(model_type, {}), **spec.extra_options} if (
             not spec.needs_targets or spec.arch_defaults(model_type)) else {
-            **info["defaults"], "target_modules": "(none known: set target_modules)"}
+            **info["defaults"], "target_modules": f"(read off the model: {_READ_OFF[spec.model_fallback]})"
+            if spec.model_fallback in _READ_OFF else "(none known: set target_modules)"}
+    architectures = _architectures(spec, model_type)
+    if architectures:
+        info["architectures"] = architectures
     return info
+
+
+_READ_OFF = {_lora_from_model: "the attention's query/value layers",
+             _ia3_from_model: "the attention's key/value layers", _norm_layers: "its normalisation layers"}
+
+
+def _architectures(spec: MethodSpec, model_type: str | None) -> str | None:
+    """Which architectures the technique supports, in a line (the encoder families, read off transformers' code)."""
+    if spec.needs_kv_cache:
+        others = [n for n, s in METHODS.items() if s.prompt_learning and not s.needs_kv_cache]
+        support = kv_cache_support(model_type) if model_type else None
+        if support is not None:
+            return f"{model_type}: " + ("supported (its attention takes a key/value cache)" if support else
+                                        "not supported: its attention takes no key/value cache (refused before "
+                                        f"training: use lora or {' / '.join(others)})")
+        families = {family: kv_cache_support(family) for family in ENCODER_FAMILIES}
+        yes = [f for f, ok in families.items() if ok]
+        no = [f for f, ok in families.items() if ok is False]
+        return (f"models whose attention takes a key/value cache: decoder-only and encoder-decoder models, and the "
+                f"encoders {', '.join(yes)}; not {', '.join(no)} (refused before training: use lora or "
+                f"{' / '.join(others)} there)")
+    if spec.prompt_learning:
+        return "every architecture (token_dim, layers and heads read off the model)"
+    if spec.needs_targets and not spec.model_defaults:
+        known = [f for f in ENCODER_FAMILIES if spec.arch_defaults(f).get("target_modules")]
+        return (f"default targets for the encoders {', '.join(known)} and the models in peft's tables; others: "
+                + (f"read off the model ({_READ_OFF[spec.model_fallback]})" if spec.model_fallback in _READ_OFF
+                   else "set target_modules"))
+    return None

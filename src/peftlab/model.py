@@ -83,14 +83,18 @@ def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transf
     hf_logging.disable_progress_bar()
     try:
         with placement.quiet_dispatch():
-            return auto_class.from_pretrained(
+            model, info = auto_class.from_pretrained(
                 name,
                 revision=model_cfg.revision,
                 trust_remote_code=model_cfg.trust_remote_code,
                 dtype=torch_dtype(model_cfg),
                 **({"attn_implementation": model_cfg.attention} if model_cfg.attention != "auto" else {}),
+                output_loading_info=True,
                 **kwargs,
             )
+        # what from_pretrained drew at random (a task head, DeBERTa's pooler): see untrained_modules()
+        model._peftlab_new_weights = sorted(info.get("missing_keys") or ())
+        return model
     except (OSError, ValueError) as error:
         if "offload" in str(error) and "device_map" in kwargs:  # device_map="auto" found too little memory
             raise ConfigError(f"{model_cfg.name} does not fit in memory, so some layers must go to disk",
@@ -99,6 +103,43 @@ def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transf
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+
+
+def new_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters the base checkpoint did not hold: ``from_pretrained`` initialised them at random
+    (transformers' "newly initialized" / MISSING load report), so each load of the base draws them anew."""
+    return list(getattr(model, "_peftlab_new_weights", ()))
+
+
+def untrained_modules(model: torch.nn.Module, saved: tuple[str, ...] = ()) -> list[str]:
+    """The modules that hold the weights the checkpoint lacked (:func:`new_weights`), each as the outermost module
+    all of whose parameters are new (DeBERTa's ``pooler``, ModernBERT's ``head``), by full name.
+
+    An adapter must train and save them (peft's ``modules_to_save``): otherwise every reload draws them at random
+    again and gives other outputs. Modules inside one whose name ends with one of ``saved`` (what peft saves
+    already, by its own suffix rule: a SEQ_CLS adapter's ``classifier`` / ``score``) are left out.
+    """
+    missing = set(new_weights(model))
+    if not missing:
+        return []
+    found: list[str] = []
+    handled: list[str] = []  # modules saved already (peft's own) or found: their submodules are covered
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(done + ".") for done in handled):
+            continue
+        own = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        if any(name.endswith(s) for s in saved):
+            handled.append(name)
+        elif own and all(p in missing for p in own):
+            handled.append(name)
+            found.append(name)
+    # a new weight beside old ones in the same module (a bias the checkpoint lacked): that module, whole
+    for key in sorted(missing):
+        owner = key.rpartition(".")[0]
+        if owner and not any(key.startswith(done + ".") for done in handled):
+            handled.append(owner)
+            found.append(owner)
+    return found
 
 
 def max_positions(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -188,7 +229,8 @@ def new_token_options(model_cfg: ModelConfig, method: str, model: transformers.P
         return {**options, "trainable_token_indices": {name.split(".")[-1]: ids for name in layers}}
     from peftlab.methods import get_method, target_model_type
 
-    targets = get_method(method).resolve_options(target_model_type(model.config), options).get("target_modules")
+    targets = get_method(method).resolve_options(target_model_type(model.config), options,
+                                                 model).get("target_modules")
     if isinstance(targets, str):
         raise ConfigError("model.train_new_tokens=lora adds the embedding layers to method.options.target_modules, "
                           "which is a regular expression here", "give target_modules as a list")

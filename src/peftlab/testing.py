@@ -15,11 +15,14 @@ WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel
 POSITIVE, NEGATIVE = "great", "awful"
 
 
-def _bert_tokenizer(folder: Path):
+def _bert_tokenizer(folder: Path, token_types: bool = True):
+    """A WordPiece tokenizer; ``token_types=False`` for models that take no token_type_ids (DistilBERT, MPNet,
+    ModernBERT: their real tokenizers return input_ids and attention_mask only)."""
     from transformers import BertTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", POSITIVE, NEGATIVE, *WORDS]
-    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=128)
+    extra = {} if token_types else {"model_input_names": ["input_ids", "attention_mask"]}
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=128, **extra)
 
 
 def _roberta_tokenizer(folder: Path):
@@ -57,7 +60,10 @@ def _word_tokenizer():
 def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny random model of a real architecture (+ tokenizer) to ``folder``.
 
-    ``bert`` / ``roberta``: encoders (for classification); ``t5`` / ``bart``: encoder-decoders;
+    ``bert`` / ``roberta``: encoders (for classification), and the other encoder families (ENCODER_ARCHS:
+    DeBERTa-v3-style ``deberta-v2``, ``deberta``, ``albert`` (embedding_size 16 < hidden_size 32), ``mpnet``,
+    ``modernbert``, ``distilbert``, ``camembert``, ``xlm-roberta``, ``electra`` (embedding_size 16));
+    ``t5`` / ``bart``: encoder-decoders;
     ``llama`` / ``gpt2`` / ``llama-bias``: decoder-only language models (``bart`` and ``llama-bias``, a
     Llama with biases in its projections as Qwen2 has, give BitFit biases to train; a real ``qwen2`` model type
     would make transformers 5 rebuild the test tokenizer as Qwen2's).
@@ -67,6 +73,8 @@ def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
 
     if arch in {"t5", "llama", "gpt2", "bart", "llama-bias"}:
         return _make_tiny_generative(arch, Path(folder), seed)
+    if arch in ENCODER_ARCHS:
+        return _make_tiny_encoder(arch, Path(folder), seed)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,6 +91,63 @@ def make_tiny_model(arch: str, folder: str | Path, seed: int = 0) -> Path:
                                            eos_token_id=tokenizer.eos_token_id, **common))
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+ENCODER_ARCHS = ("deberta-v2", "deberta", "albert", "mpnet", "modernbert", "distilbert", "camembert", "xlm-roberta",
+                 "electra")
+
+
+def _make_tiny_encoder(arch: str, folder: Path, seed: int) -> Path:
+    """The encoder families beyond BERT / RoBERTa, each saved as its base model (no task head: as published
+    checkpoints are, so from_pretrained draws the head, and DeBERTa's pooler / ModernBERT's head, at random)."""
+    import torch
+    import transformers as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  initializer_range=0.2)
+    dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if arch in {"camembert", "xlm-roberta"}:
+        tokenizer = _roberta_tokenizer(folder)
+    else:
+        tokenizer = _bert_tokenizer(folder, token_types=arch not in {"mpnet", "modernbert", "distilbert"})
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if arch == "deberta-v2":  # DeBERTa-v3's settings: relative attention, no absolute positions
+        model = tf.DebertaV2Model(tf.DebertaV2Config(
+            max_position_embeddings=128, relative_attention=True, pos_att_type=["p2c", "c2p"],
+            position_biased_input=False, max_relative_positions=-1, position_buckets=32, norm_rel_ebd="layer_norm",
+            share_att_key=True, type_vocab_size=0, pooler_hidden_size=32, pooler_dropout=0.0, **common, **dropout,
+            **ids))
+    elif arch == "deberta":
+        model = tf.DebertaModel(tf.DebertaConfig(
+            max_position_embeddings=128, relative_attention=True, pos_att_type=["p2c", "c2p"], type_vocab_size=0,
+            pooler_hidden_size=32, pooler_dropout=0.0, **common, **dropout, **ids))
+    elif arch == "albert":
+        model = tf.AlbertModel(tf.AlbertConfig(embedding_size=16, max_position_embeddings=128,
+                                               classifier_dropout_prob=0.0, **common, **dropout, **ids))
+    elif arch == "electra":
+        model = tf.ElectraModel(tf.ElectraConfig(embedding_size=16, max_position_embeddings=128, **common,
+                                                 **dropout, **ids))
+    elif arch == "mpnet":
+        model = tf.MPNetModel(tf.MPNetConfig(max_position_embeddings=130, **common, **dropout, **ids))
+    elif arch == "modernbert":
+        special = dict(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                       cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
+        model = tf.ModernBertModel(tf.ModernBertConfig(max_position_embeddings=128, local_attention=16, **common,
+                                                       **special, **ids))
+    elif arch == "distilbert":
+        model = tf.DistilBertModel(tf.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128, dropout=0.0,
+            attention_dropout=0.0, seq_classif_dropout=0.0, initializer_range=0.2, **ids))
+    else:  # camembert, xlm-roberta: RoBERTa's layout under their own model types
+        config_cls, model_cls = ((tf.CamembertConfig, tf.CamembertModel) if arch == "camembert"
+                                 else (tf.XLMRobertaConfig, tf.XLMRobertaModel))
+        model = model_cls(config_cls(max_position_embeddings=130, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **common, **dropout, **ids))
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
