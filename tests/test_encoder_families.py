@@ -193,3 +193,23 @@ def test_cli_refuses_prefix_tuning_on_deberta_v2_in_one_error_line(encoders, row
         "layer through that cache",
         "hint: use lora (or prompt / ptuning: prompt learning at the input) on this model"], err
     assert not out.exists() and not list(out.parent.glob(".prefix.*"))
+
+
+def test_an_adapter_without_the_weights_the_base_lacks_is_flagged_on_load(encoders, rows, tmp_path, capsys):
+    """A plain-peft DeBERTa-v2 adapter (or one made before peftlab saved the pooler): every load draws the pooler
+    anew, so its outputs change between loads; loading it says so instead of answering silently."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(encoders["deberta-v2"], num_labels=2)
+    plain = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query_proj", "value_proj"]))
+    plain.save_pretrained(tmp_path / "plain")
+    first = logits(load_adapter(tmp_path / "plain", base=str(encoders["deberta-v2"])), PROBE)
+    err = capsys.readouterr().err
+    assert "lacks pooler" in err and "differ from one load to the next" in err
+    second = logits(load_adapter(tmp_path / "plain", base=str(encoders["deberta-v2"])), PROBE)
+    assert not torch.allclose(first, second)  # what the warning says: another pooler, other outputs
+
+    run = train(_config(encoders, rows, tmp_path / "run", "deberta-v2", "lora"))
+    capsys.readouterr()
+    load_adapter(run.output_dir)
+    assert "lacks" not in capsys.readouterr().err  # peftlab's own run holds the pooler: no warning

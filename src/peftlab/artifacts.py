@@ -49,7 +49,7 @@ from peftlab import compat, placement
 from peftlab.config import ModelConfig, RunConfig, build_config, readable_error
 from peftlab.errors import AdapterError, ConfigError, PeftlabError
 from peftlab.model import (base_signature, describe_base, embedding_rows, fit_embeddings, load_model_config,
-                           load_tokenizer)
+                           load_tokenizer, untrained_modules)
 from peftlab.progress import note, warn
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -534,6 +534,7 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
             "it was made for a different base model; pass the right one with --base",
         ) from None
     check_loaded(model, shapes, path, model_cfg.name)
+    _warn_unsaved_new_weights(base_model, peft_config, shapes, path)
     compat.apply_fixes(model)
     if device and not placement.device_map_of(model):
         model.to(device)
@@ -543,6 +544,22 @@ def load_adapter(path: str | Path, base: str | None = None, device: str | None =
         note(f"base model layers: {where}")
     return LoadedAdapter(model=model, tokenizer=tokenizer, task=task, meta=meta, config=config,
                          model_config=model_cfg, record=record, path=path, placement=where)
+
+
+def _warn_unsaved_new_weights(base_model: PreTrainedModel, peft_config: PeftConfig,
+                              shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Say so when the base draws weights at random on every load (the checkpoint lacks them: DeBERTa's pooler)
+    and the adapter does not hold them (made before peftlab saved them, or with plain peft): its outputs then
+    change from one load to the next."""
+    from peftlab.methods import PEFT_SAVES
+
+    task_type = str(getattr(peft_config.task_type, "value", peft_config.task_type))
+    unsaved = [name for name in untrained_modules(base_model, PEFT_SAVES.get(task_type, ()))
+               if not any(f".{name}." in f".{key}" for key in shapes)]
+    if unsaved:
+        warn(f"the base model's checkpoint lacks {', '.join(unsaved)} and the adapter in {path} does not hold "
+             "them: they are drawn at random on every load, so this adapter's outputs differ from one load to the "
+             "next; train it again with this peftlab, which saves them with the adapter")
 
 
 def _load_full_run(path: Path, base: str | None, device: str | None,

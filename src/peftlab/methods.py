@@ -358,7 +358,7 @@ class MethodSpec:
             return None
         resolved = {**self.build_defaults, **self.resolve_options(model_type, options, model)}
         if model is not None:  # weights the base checkpoint lacked train and save with the adapter
-            untrained = self._save_names(model, untrained_modules(model, _PEFT_SAVES.get(task_type, ())))
+            untrained = self._save_names(model, untrained_modules(model, PEFT_SAVES.get(task_type, ())))
             if untrained:
                 resolved["modules_to_save"] = list(dict.fromkeys([*(resolved.get("modules_to_save") or []),
                                                                   *untrained]))
@@ -410,7 +410,7 @@ METHODS: dict[str, MethodSpec] = {}
 
 # Modules peft already trains and saves for a task type, named as its modules_to_save rule matches them
 # (PeftModelForSequenceClassification adds these to every SEQ_CLS config); untrained_modules() skips what they hold.
-_PEFT_SAVES = {"SEQ_CLS": ("classifier", "score")}
+PEFT_SAVES = {"SEQ_CLS": ("classifier", "score")}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
