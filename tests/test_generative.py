@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from peftlab import build_config, compat, load_adapter, predict, train
 
@@ -33,20 +33,64 @@ def generative_config(tiny_lms, generative_data, tmp_path, arch, method, **overr
 
 
 @torch.no_grad()
-def stepwise_greedy(model, tokenizer, text: str, steps: int) -> list[int]:
-    """Greedy decoding by full forward passes (no KV cache): what generate() must equal."""
-    ids = tokenizer([text], return_tensors="pt")["input_ids"]
+def stepwise_greedy(model, tokenizer, ids: list[int], steps: int, min_new_tokens: int = 0) -> list[int]:
+    """Greedy decoding by full forward passes of the whole sequence (no KV cache): what generate() must equal.
+
+    ``min_new_tokens``: EOS cannot be chosen before that many new tokens (as generate()'s min_new_tokens)."""
+    ids = torch.tensor([ids])
     encoder_decoder = model.config.is_encoder_decoder
     out = torch.tensor([[model.config.decoder_start_token_id]]) if encoder_decoder else ids
-    for _ in range(steps):
+    new = []
+    for step in range(steps):
         kwargs = {"input_ids": ids, "decoder_input_ids": out} if encoder_decoder else {"input_ids": out}
         logits = model(**kwargs, attention_mask=torch.ones_like(ids if encoder_decoder else out),
-                       use_cache=False).logits
-        token = logits[:, -1:].argmax(-1)
-        out = torch.cat([out, token], 1)
-        if int(token) == tokenizer.eos_token_id:
+                       use_cache=False).logits[0, -1].clone()
+        if step < min_new_tokens:
+            logits[tokenizer.eos_token_id] = -float("inf")
+        token = int(logits.argmax())
+        new.append(token)
+        out = torch.cat([out, torch.tensor([[token]])], 1)
+        if token == tokenizer.eos_token_id:
             break
-    return out[0, (1 if encoder_decoder else ids.shape[1]):].tolist()
+    return new
+
+
+# prompts of 1 to 8 words, some of one length (they share a batch where prompt learning splits batches by length)
+GENERATION_TEXTS = ["alpha great bravo", "kilo", "delta awful echo foxtrot golf hotel india", "golf great",
+                    "awful mike", "hotel india juliet kilo great", "sierra tango awful romeo quebec mike papa oscar",
+                    "november great oscar", "echo"]
+FORCED_TOKENS = 5  # min_new_tokens = max_new_tokens: no row stops at once, every step is compared
+
+
+@torch.no_grad()
+def generation_drift(model, prompt: list[int], use_cache: bool, steps: int = 5) -> float:
+    """Largest difference between generate()'s logits at each step and the forward pass over the same tokens."""
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                         min_new_tokens=steps, do_sample=False, use_cache=use_cache, return_dict_in_generate=True,
+                         output_logits=True)
+    generated, sequence = torch.stack(out.logits, 1), out.sequences[:, :-1]
+    if model.config.is_encoder_decoder:
+        forward = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=sequence).logits
+    else:  # (prompt tuning's logits include its virtual tokens: the last ones predict the generated tokens)
+        forward = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
+    return float((generated - forward[:, -steps:]).abs().max())
+
+
+def check_generation_is_faithful(model, tokenizer, prompts: list[list[int]], decoder_only: bool) -> None:
+    """Generation equals step-by-step greedy decoding of the forward pass, batched as peftlab batches (its path:
+    predict, eval, serve); and generate()'s logits at each step equal the forward pass's, with or without cache."""
+    from peftlab.tasks import generation
+
+    expected = [stepwise_greedy(model, tokenizer, p, FORCED_TOKENS, FORCED_TOKENS) for p in prompts]
+    decoding = {"max_new_tokens": FORCED_TOKENS, "min_new_tokens": FORCED_TOKENS, "do_sample": False,
+                "num_beams": 1}
+    generated = generation.generate_tokens(model, tokenizer, prompts, 4, decoding, decoder_only=decoder_only)
+    wrong = [i for i, (g, e) in enumerate(zip(generated, expected)) if g != e]
+    assert not wrong, f"{len(wrong)} of {len(prompts)} prompts differ: {[(generated[i], expected[i]) for i in wrong]}"
+    for prompt in prompts[:3]:  # the logits of each step too, with and without the KV cache
+        for use_cache in (False, True):
+            assert generation_drift(model, prompt, use_cache) < 1e-4, (prompt, use_cache)
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
@@ -68,18 +112,14 @@ def test_technique_trains_generates_and_reloads(tiny_lms, generative_data, tmp_p
                           loaded.meta, 32, 8, config.generation)
     assert [r["generated"] for r in after] == [r["generated"] for r in before]
 
-    # generate() with the adapter equals step-by-step greedy decoding of the forward pass
-    prompt = PROMPTS[0] if arch == "t5" else f"review : {PROMPTS[0]} label :"
-    expected = stepwise_greedy(loaded.model, loaded.tokenizer, prompt, 4)
-    ids = loaded.tokenizer([prompt], return_tensors="pt")["input_ids"]
-    generated = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                      do_sample=False, **compat.generation_overrides(loaded.model))
-    generated = generated[0, (1 if arch == "t5" else ids.shape[1]):].tolist()
-    assert generated[:len(expected)] == expected
+    # generation equals step-by-step greedy decoding of the forward pass, for prompts of several lengths
+    _, prompts = task.prompts([{"text": t} for t in GENERATION_TEXTS], loaded.tokenizer, config.data, 32)
+    check_generation_is_faithful(loaded.model, loaded.tokenizer, prompts, decoder_only=arch != "t5")
 
     # plain peft loads the artifacts and computes the same logits
     auto = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
     plain = PeftModel.from_pretrained(auto.from_pretrained(str(tiny_lms[arch])), str(result.output_dir)).eval()
+    ids = torch.tensor([prompts[0]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if arch == "t5":
         batch["decoder_input_ids"] = torch.tensor([[0, 5]])
@@ -87,22 +127,34 @@ def test_technique_trains_generates_and_reloads(tiny_lms, generative_data, tmp_p
         torch.testing.assert_close(plain(**batch).logits, loaded.model(**batch).logits)
 
 
-def test_upstream_cached_prefix_generation_is_still_broken(tiny_lms, generative_data, tmp_path):
-    """If this starts failing, peft's cached generation is fixed and compat.generation_overrides can go."""
-    config = generative_config(tiny_lms, generative_data, tmp_path, "t5", "prefix", **{"training.epochs": 4})
-    result = train(config)
-    model, tokenizer = result.model, result.tokenizer
-    expected = stepwise_greedy(model, tokenizer, "alpha great bravo", 3)
-    ids = tokenizer(["alpha great bravo"], return_tensors="pt")["input_ids"]
-    cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-    assert cached[0, 1:].tolist()[:len(expected)] != expected
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_upstream_prompt_learning_generation_is_still_broken(tiny_lms, arch, use_cache):
+    """If this starts failing, plain peft's generation with a prefix equals its forward pass (peft speaks
+    transformers' `cache=`) and the compat section "Prompt-learning generation and transformers' `cache` rename"
+    can go; with the fix it does."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    auto = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = get_peft_model(auto.from_pretrained(str(tiny_lms[arch])), PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM" if arch == "t5" else "CAUSAL_LM", num_virtual_tokens=4)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_lms[arch]))
+    prompt = tokenizer("alpha great bravo charlie")["input_ids"]
+    assert "prepare_inputs_for_generation" not in vars(model)  # plain peft
+    assert generation_drift(model, prompt, use_cache) > 1e-2
+    compat.fix_prompt_generation(model)
+    assert generation_drift(model, prompt, use_cache) < 1e-4
+    check_generation_is_faithful(model, tokenizer, [tokenizer(t)["input_ids"] for t in GENERATION_TEXTS],
+                                 decoder_only=arch != "t5")
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "ptuning-v2"])
 def test_prompt_learning_generation_does_not_depend_on_the_batch(tiny_lms, generative_data, tmp_path, monkeypatch,
                                                                  method):
-    """peft ignores position ids for prompt learning, so a left-padded row is generated at shifted positions:
-    peftlab batches only prompts of one length there, and each row's output is its own."""
+    """peft ignores position ids for prompt tuning / P-tuning, so a left-padded row is generated at shifted
+    positions: peftlab batches only prompts of one length there. Prefix tuning / P-tuning v2 keep them (offset by
+    the prefix) and batch prompts of any length. Either way each row's output is its own."""
     from peftlab.tasks import generation
 
     config = generative_config(tiny_lms, generative_data, tmp_path, "llama", method, **{"training.epochs": 1})
@@ -117,9 +169,11 @@ def test_prompt_learning_generation_does_not_depend_on_the_batch(tiny_lms, gener
 
     alone = generate(1)
     assert generate(len(prompts)) == alone
-    # without the equal-length batches, padding shifts the short rows (would fail if peft kept position ids)
-    monkeypatch.setattr(generation, "_prompt_learning", lambda model: False)
-    assert generate(len(prompts)) != alone
+    split = method in {"prompt", "ptuning"}
+    assert generation._drops_position_ids(model) == split
+    if split:  # without the equal-length batches, padding shifts the short rows (would fail if peft kept them)
+        monkeypatch.setattr(generation, "_drops_position_ids", lambda model: False)
+        assert generate(len(prompts)) != alone
     # the full path: predict() gives each text the output it gets alone
     texts = ["alpha great bravo charlie", "golf", "kilo awful"]
     monkeypatch.undo()

@@ -58,3 +58,49 @@ def test_plain_peft_adapter_evaluates_on_a_file(tiny_models, tmp_path):
     flipped = tmp_path / "flipped.jsonl"
     flipped.write_text("\n".join(json.dumps({"text": t, "label": 1 - i}) for i, t in enumerate(TEXTS)) + "\n")
     assert evaluate(tmp_path / "plain", data=str(flipped))["accuracy"] == pytest.approx(1 - metrics["accuracy"])
+
+
+def _cli(capsys, monkeypatch, *args: str) -> str:
+    import sys
+
+    from peftlab import cli
+
+    monkeypatch.setattr(sys, "argv", ["peftlab", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    return captured.out
+
+
+def test_plain_peft_causal_lm_adapter_evaluates_with_data_overrides(tiny_lms, tmp_path, capsys, monkeypatch):
+    """`peftlab eval` of a plain peft causal-LM adapter takes --set data.target_column / data.prompt_template as
+    for seq2seq: the template's prompts are generated from and scored against the targets; without them, the
+    text column's perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.testing import WORDS, write_csv
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_lms["llama"])), LoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "plain"))  # no tokenizer, no peftlab record
+    plain = str(tmp_path / "plain")
+    texts = [" ".join(WORDS[i:i + 1 + i % 4]) for i in range(8)]
+    template = ["--set", "data.prompt_template=review : {text} label :", "--set", "data.target_max_length=3"]
+    inputs = write_csv(tmp_path / "inputs.csv", [{"text": t} for t in texts])
+    out = _cli(capsys, monkeypatch, "predict", plain, "--file", str(inputs), "--format", "jsonl", *template)
+    generated = [json.loads(line)["generated"] for line in out.splitlines()]
+    assert len(generated) == len(texts) and all(generated), generated
+    # targets: what the adapter generates from the template's prompt for half the rows, other words for the rest
+    targets = [g if i % 2 == 0 else f"{g} tango" for i, g in enumerate(generated)]
+    data = write_csv(tmp_path / "data.csv", [{"text": t, "answer": a} for t, a in zip(texts, targets)])
+
+    out = _cli(capsys, monkeypatch, "eval", plain, "--data", str(data), "--set", "data.target_column=answer",
+               *template, "--json")
+    metrics = json.loads(out)
+    assert metrics["exact_match"] == pytest.approx(0.5)
+    assert {"loss", "perplexity", "bleu", "chrf", "rougeL"} <= set(metrics)
+
+    plain_text = json.loads(_cli(capsys, monkeypatch, "eval", plain, "--data", str(data), "--json"))
+    assert set(plain_text) == {"loss", "perplexity", "samples"}  # no target: the text's perplexity

@@ -13,15 +13,28 @@ only: it builds the same prefix cache with peft's own ``get_prompt`` and hands i
 classifier under the new name, so the forward (positions offset by the prefix length,
 prefix always visible in the attention mask, classification head and loss) is exactly
 the one transformers <= 5.17 + peft 0.21.0 ran. Remove it when peft checks for ``cache``.
+
+Prompt-learning generation and transformers' ``cache`` rename
+-------------------------------------------------------------
+peft 0.21.2's ``prepare_inputs_for_generation`` hands the prefix over as ``past_key_values``
+and looks for the running cache under that name, while transformers 5.24's generate() carries
+it as ``cache=`` (and Llama-family / T5 models hand back the cache they were given even with
+``use_cache=False``): prefix tuning / P-tuning v2 generations drift from the forward pass after
+the first token. ``fix_prompt_generation`` (applied by ``apply_fixes``) translates between the
+two names on the model instance; details in its section below.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import os
 import types
 
 from peft import PeftModel
 from peft.utils import PeftType
+
+from peftlab.errors import ConfigError
 
 
 def _backbone_forward_params(model: PeftModel) -> set[str]:
@@ -72,6 +85,7 @@ def apply_fixes(model: PeftModel) -> PeftModel:
     """Apply every needed fix to a freshly built or loaded peft model (idempotent)."""
     if isinstance(model, PeftModel) and prefix_tuning_needs_cache_fix(model):
         model._prefix_tuning_forward = types.MethodType(_prefix_tuning_forward_with_cache, model)
+    fix_prompt_generation(model)  # defined below
     return model
 
 
@@ -84,7 +98,8 @@ def apply_fixes(model: PeftModel) -> PeftModel:
 # the first token. Without the KV cache, peft rebuilds the virtual tokens at every step
 # and greedy generation equals step-by-step argmax of the forward pass (tested for every
 # technique x family in tests/test_generative.py). The cost is quadratic in the generated
-# length, which is small for label and short-answer generation.
+# length, which is small for label and short-answer generation. (Not enough on its own with
+# transformers 5.24: see "Prompt-learning generation and transformers' `cache` rename" below.)
 
 
 def generation_overrides(model) -> dict:
@@ -142,11 +157,6 @@ _LINK_DIR = "peftlab--offloaded-base"
 
 def redirect_offloaded_weights(model, offload_folder: str) -> None:
     """Make peft's rewrite of disk-offloaded weights land in ``offload_folder`` (see above)."""
-    import hashlib
-    import os
-
-    from peftlab.errors import ConfigError
-
     folder = os.path.relpath(os.path.abspath(offload_folder))
     if "--" in folder:
         raise ConfigError(f'the offload folder path "{folder}" contains "--", which peft treats specially when '
@@ -186,3 +196,81 @@ def restore_dropped_tensors(weights_file, expected: dict) -> list[str]:
         saved.update({k: expected[k].detach().to("cpu").contiguous() for k in missing})
         save_file(saved, str(weights_file), metadata={"format": "pt"})
     return missing
+
+
+# Prompt-learning generation and transformers' `cache` rename
+# -----------------------------------------------------------
+# transformers 5.24 renamed the key/value cache of generate() and of the models' forward from
+# `past_key_values` to `cache` (forward still takes the old name through a deprecation shim
+# until 5.40, but ignores it when both are set: "Both `past_key_values` and `cache` are
+# set ... ignoring") and no longer makes `cache_position`. peft 0.21.2's
+# prepare_inputs_for_generation still speaks the old name: it hands the prefix of prefix
+# tuning / P-tuning v2 over as `past_key_values`, and it decides whether the virtual tokens
+# are still to be injected by looking for `past_key_values`, which is never there. So:
+# - use_cache=False (peftlab's path, generation_overrides above): Llama-family models and T5
+#   return the cache they were given even without caching (GPT-2 does not), and generate()
+#   feeds it back as `cache=`; from the second new token on, that stale cache (the prefix and
+#   the previous passes' keys) wins over peft's fresh prefix, and prefix / P-tuning v2
+#   generations drift from the forward pass (5 of 8 prompts for P-tuning v2 on Llama).
+# - use_cache=True: generate()'s own empty cache wins over the prefix (the prefix is
+#   ignored), and prompt tuning / P-tuning re-inject their virtual tokens at every step.
+# The fix wraps peft's prepare_inputs_for_generation on the model instance: it drops the
+# fed-back cache when use_cache is False, lets peft see generate()'s cache under its old
+# name, hands peft's prefix over as `cache` (without a KV cache, a fresh prefix at every step,
+# also where peft's seq2seq prepare would give it on the first step only), and leaves
+# everything else to peft. Greedy generation then equals step-by-step
+# argmax of the forward pass with and without the KV cache, for every technique x family
+# (tests/test_generative.py, batched as peftlab batches). No upstream report found (related:
+# huggingface/transformers#37078, a model updates the cache it is given even with
+# use_cache=False; huggingface/peft#1962). Remove when peft reads and writes `cache`
+# (canary: tests/test_generative.py::test_upstream_prompt_learning_generation_is_still_broken).
+
+_GENERATION_FIX = "_peftlab_generation_fix"
+
+
+def prompt_generation_needs_cache_fix(model) -> bool:
+    """True for a peft generative model whose transformers generate() carries its cache as ``cache=``."""
+    from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
+
+    if not isinstance(model, (PeftModelForCausalLM, PeftModelForSeq2SeqLM)):
+        return False
+    prepare = getattr(model, "base_model_prepare_inputs_for_generation", None)
+    return prepare is not None and "cache" in inspect.signature(prepare).parameters
+
+
+def _prepare_inputs_for_generation_with_cache(self, *args, **kwargs):
+    upstream = type(self).prepare_inputs_for_generation  # peft's, for this model's task
+    config = self.active_peft_config
+    if not config.is_prompt_learning:
+        return upstream(self, *args, **kwargs)
+    without_cache = kwargs.get("use_cache") is False
+    if without_cache:
+        kwargs.pop("cache", None)  # what the last forward returned, not a KV cache of this generation
+    base_prepare = self.base_model_prepare_inputs_for_generation
+
+    def base_prepare_old_name(*base_args, **base_kwargs):
+        inputs = base_prepare(*base_args, **base_kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    self.base_model_prepare_inputs_for_generation = base_prepare_old_name
+    try:
+        inputs = upstream(self, *args, **kwargs)
+    finally:
+        self.base_model_prepare_inputs_for_generation = base_prepare
+    cache = inputs.pop("past_key_values", None)
+    if cache is None and without_cache and config.peft_type in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE):
+        ids = inputs["decoder_input_ids" if self.config.is_encoder_decoder else "input_ids"]
+        cache = self.get_prompt(batch_size=ids.shape[0])  # each full pass needs its own prefix
+    if cache is not None:
+        inputs["cache"] = cache
+    return inputs
+
+
+def fix_prompt_generation(model):
+    """Make generate() of a prompt-learning peft model equal its forward pass (see above; idempotent)."""
+    if prompt_generation_needs_cache_fix(model) and not vars(model).get(_GENERATION_FIX):
+        model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation_with_cache, model)
+        setattr(model, _GENERATION_FIX, True)
+    return model

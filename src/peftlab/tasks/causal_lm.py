@@ -32,6 +32,11 @@ def _mode(data) -> str:
     return "completion" if data.target_column else "text"
 
 
+def _with_mode(meta: dict[str, Any], data) -> dict[str, Any]:
+    """``meta`` with its data mode; an adapter made by plain peft has none (``None``): the data options decide."""
+    return meta if meta.get("mode") else {**meta, "mode": _mode(data)}
+
+
 def _adds_bos(tokenizer) -> bool:
     ids = tokenizer("x")["input_ids"]
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
@@ -115,6 +120,7 @@ class CausalLM:
         return self._prompt_ids(texts, tokenizer, max_length)
 
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
+        meta = _with_mode(meta, data)
         dataset = gen.labels_as_text(dataset, data)
         if meta["mode"] == "text":
             return self._encode_text(dataset, tokenizer, data, max_length, where)
@@ -173,6 +179,7 @@ class CausalLM:
         return base
 
     def evaluate(self, model, tokenizer, raw, encoded, data, meta, max_length, batch_size):
+        meta = _with_mode(meta, data)
         loss = mean_loss(model, encoded, self.collator(tokenizer), batch_size)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": float(len(raw))}
         if meta["mode"] == "text":
@@ -194,7 +201,10 @@ class CausalLM:
         return [{"text": t, "generated": o} for t, o in zip(texts, outputs)]
 
     def meta_from_adapter(self, tensors, base_config):
-        return {"mode": "text", "label_like": False, "targets": []}
+        # no mode: eval / predict take it from the data options (--set data.target_column=... / prompt_template /
+        # messages_column: completion or chat, scored by generation; none of them: plain text, perplexity), as
+        # seq2seq takes its columns from them
+        return {"mode": None, "label_like": False, "targets": []}
 
 
 class _PackedCollator:

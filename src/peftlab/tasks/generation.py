@@ -128,6 +128,7 @@ def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[lis
     """
     kwargs = dict(kwargs)
     stop = kwargs.pop("stop", None)
+    compat.fix_prompt_generation(model)  # applied at build / load already; a model made elsewhere gets it here
     model.eval()
     device = model_device(model)
     side = tokenizer.padding_side
@@ -135,7 +136,7 @@ def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[lis
     eos = tokenizer.eos_token_id
     outputs: list[list[int] | None] = [None] * len(prompts)
     try:
-        for rows in _batches(prompts, batch_size, equal_lengths=decoder_only and _prompt_learning(model)):
+        for rows in _batches(prompts, batch_size, equal_lengths=decoder_only and _drops_position_ids(model)):
             batch = tokenizer.pad({"input_ids": [prompts[i] for i in rows]}, return_tensors="pt").to(device)
             extra = compat.generation_overrides(model)
             if stop:
@@ -161,15 +162,22 @@ def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[lis
     return outputs
 
 
-def _prompt_learning(model) -> bool:
+def _drops_position_ids(model) -> bool:
+    """Prompt tuning / P-tuning (virtual token embeddings before the input): peft drops their position ids.
+
+    Prefix tuning / P-tuning v2 keep them (peft offsets them by the prefix length), and a left-padded
+    row is generated as it is alone (tests/test_generative.py), as with weight adapters."""
+    from peft.utils import PeftType
+
     config = getattr(model, "active_peft_config", None)
-    return bool(config is not None and config.is_prompt_learning)
+    return bool(config is not None and config.is_prompt_learning
+                and config.peft_type not in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE))
 
 
 def _batches(prompts: list[list[int]], batch_size: int, equal_lengths: bool) -> list[list[int]]:
     """Row indices per generation batch, in order; with ``equal_lengths`` only prompts of one length share a batch.
 
-    peft drops the position ids of prompt-learning models, so a left-padded decoder-only row
+    peft drops the position ids of prompt tuning / P-tuning models, so a left-padded decoder-only row
     would be generated at shifted positions, and its output would depend on which other prompts
     share its batch; rows of one length need no padding (each result is the row's own).
     """
