@@ -31,7 +31,7 @@ def stock(config, splits, steps: int) -> dict:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, get_scheduler
 
-    from peftlab.assets import resolve_model_name
+    from peftlab.offline_models import resolve_model_name
     from peftlab.model import load_tokenizer
 
     torch.manual_seed(config.training.seed)

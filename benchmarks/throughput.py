@@ -6,7 +6,7 @@ full-length batches and reports tokens/s, achieved TFLOP/s and peak memory:
 - stock fp32:      HF peft on an fp32 base, a plain PyTorch loop (AdamW), as the reference
                    notebooks do;
 - stock bf16:      the same with bf16 autocast;
-- peftlab:         peftlab's own model building (``train.build_model``: fast-path dtype,
+- peftlab:         peftlab's own model building (``method_stage.build_model``: fast-path dtype,
                    fp32 trainable weights, attention kernels, compile / checkpointing if
                    asked) and optimizer (fused AdamW on a GPU) under accelerate's autocast,
                    i.e. exactly what ``peftlab train`` runs per step.
@@ -157,7 +157,8 @@ def peftlab_fast(shape: Shape, base: Path, method: str, batches, device, warmup:
     from peftlab import build_config, fastpath
     from peftlab.methods import get_method
     from peftlab.tasks import get_task
-    from peftlab.train import build_model, build_optimizer, mixed_precision
+    from peftlab.method_stage import build_model, mixed_precision
+    from peftlab.train import build_optimizer
 
     config = build_config({
         "model": {"name": str(base)}, "task": shape.task, "method": {"name": method, "options": OPTIONS.get(method, {})},

@@ -32,7 +32,7 @@ def test_prefix_tuning_trains_on_the_real_minilm():
     from peft import get_peft_model
 
     from peftlab import compat
-    from peftlab.assets import resolve_model_name
+    from peftlab.offline_models import resolve_model_name
     from peftlab.data import load_splits
     from peftlab.methods import get_method
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -10,7 +10,7 @@ The Python API (the CLI is a thin layer over it)::
     print(predict(result.output_dir, texts=["A joy from start to finish."]))
 """
 
-__version__ = "0.1.0"
+from peftlab.version import __version__  # noqa: E402
 
 import warnings  # noqa: E402
 
@@ -21,21 +21,20 @@ warnings.filterwarnings("ignore", message=".*introduces a better way to train en
                         category=FutureWarning)
 
 from peftlab.artifacts import LoadedAdapter, load_adapter  # noqa: E402
-from peftlab.catalog import load_recipe  # noqa: E402
+from peftlab.catalog import get_recipe  # noqa: E402
 from peftlab.comparison import CompareResult, compare  # noqa: E402
-from peftlab.config import RunConfig, build_config, load_config  # noqa: E402
+from peftlab.config import RunConfig  # noqa: E402
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.inference import evaluate, logits, predict  # noqa: E402
 from peftlab.merge import MergeResult, combine, merge  # noqa: E402
+from peftlab.recipe import build_config, load_config, load_recipe  # noqa: E402
 from peftlab.train import RunResult, train  # noqa: E402
 
-__all__ = ["CompareResult", "LoadedAdapter", "MergeResult", "PeftlabError", "RunConfig", "RunResult", "build_config",
+__all__ = ["__version__", "CompareResult", "LoadedAdapter", "MergeResult", "PeftlabError", "RunConfig", "RunResult", "build_config",
            "combine", "compare", "evaluate", "load_adapter", "load_config", "load_recipe", "logits", "merge",
            "predict", "train", "recipe_path"]
 
 
 def recipe_path(name: str):
     """Path of a recipe packaged with peftlab (e.g. ``quickstart``, ``lora-roberta-large-mrpc``)."""
-    from peftlab.catalog import get_recipe
-
     return get_recipe(name).path

@@ -46,7 +46,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pydantic import ValidationError
 
 from peftlab import compat, placement
-from peftlab.config import ModelConfig, RunConfig, build_config, readable_error
+from peftlab.version import __version__
+from peftlab.config import ModelConfig, RunConfig, readable_error
+from peftlab.methods import PEFT_SAVES
+from peftlab.recipe import build_config
+from peftlab.tasks import PEFT_TASK_TYPES, get_task
 from peftlab.errors import AdapterError, ConfigError, PeftlabError
 from peftlab.model import (base_signature, describe_base, embedding_rows, fit_embeddings, load_model_config,
                            load_tokenizer, untrained_modules)
@@ -67,10 +71,8 @@ def library_versions() -> dict[str, str]:
     import peft
     import transformers
 
-    import peftlab
-
     return {
-        "peftlab": peftlab.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
         "python": platform.python_version(),
     }
@@ -303,8 +305,6 @@ class LoadedAdapter:
 def from_run(result: Any) -> LoadedAdapter:
     """The adapter a finished run holds in memory (``RunResult.model``), with its run's record, as
     :func:`load_adapter` gives it from disk: ``predict`` and ``logits`` take either."""
-    from peftlab.tasks import get_task
-
     if getattr(result, "model", None) is None:
         raise AdapterError("this run result holds no model in memory", "load it from disk: load_adapter(output_dir)")
     path = Path(result.output_dir)
@@ -450,8 +450,6 @@ def read_adapter(path: str | Path, base: str | None = None,
 
     ``model_options`` override the run's ``model:`` settings for loading (placement, quantization).
     """
-    from peftlab.tasks import PEFT_TASK_TYPES, get_task
-
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path}")
@@ -551,8 +549,6 @@ def _warn_unsaved_new_weights(base_model: PreTrainedModel, peft_config: PeftConf
     """Say so when the base draws weights at random on every load (the checkpoint lacks them: DeBERTa's pooler)
     and the adapter does not hold them (made before peftlab saved them, or with plain peft): its outputs then
     change from one load to the next."""
-    from peftlab.methods import PEFT_SAVES
-
     task_type = str(getattr(peft_config.task_type, "value", peft_config.task_type))
     unsaved = [name for name in untrained_modules(base_model, PEFT_SAVES.get(task_type, ()))
                if not any(f".{name}." in f".{key}" for key in shapes)]
@@ -565,8 +561,6 @@ def _warn_unsaved_new_weights(base_model: PreTrainedModel, peft_config: PeftConf
 def _load_full_run(path: Path, base: str | None, device: str | None,
                    model_options: dict[str, Any] | None = None) -> LoadedAdapter:
     """A full fine-tuning run: the directory is the model (no base to put an adapter on)."""
-    from peftlab.tasks import get_task
-
     if base:
         raise AdapterError(f"{path} is a full fine-tuning run: it holds the whole model, so --base does not apply",
                            "leave out --base")

@@ -37,23 +37,3 @@ def packaged_path(alias: str) -> Path:
     if not path.exists():
         raise ConfigError(f"{path} is missing from the installed {package}", f"reinstall it: {install}")
     return path
-
-
-def resolve_model_name(name: str) -> str:
-    """Map ``offline:ALIAS`` to a local model folder; other names pass through.
-
-    ``offline:minilm`` is the packaged all-MiniLM-L6-v2; ``offline:smollm2`` (SmolLM2-135M-
-    Instruct, converted once from its GGUF file) and ``offline:minilm2minilm`` (a BERT2BERT
-    encoder-decoder warm-started from MiniLM) are built on first use and cached.
-    """
-    if not name.startswith(OFFLINE_MODEL_PREFIX):
-        return name
-    from peftlab.offline_models import OFFLINE_MODELS
-
-    alias = name[len(OFFLINE_MODEL_PREFIX):]
-    if alias in OFFLINE_MODELS:
-        return str(OFFLINE_MODELS[alias]())
-    if alias == "minilm":
-        return str(packaged_path(alias))
-    known = ", ".join(OFFLINE_MODEL_PREFIX + a for a in ["minilm", *OFFLINE_MODELS])
-    raise ConfigError(f'unknown offline model "{name}"', f"known: {known}")

@@ -11,7 +11,7 @@ named ``NAME-offline.yaml`` whose first line says ``offline variant of NAME``:
     # Notebook 1, offline variant of lora-roberta-large-mrpc: LoRA on the packaged MiniLM ...
 
 Nothing else is special about these files: ``peftlab train recipe:NAME --set ...`` and
-``load_config("recipe:NAME", overrides)`` load them as any recipe.
+``load_config("recipe:NAME", overrides)`` (peftlab.recipe) load them as any recipe.
 """
 
 from __future__ import annotations
@@ -110,10 +110,3 @@ def get_recipe(name: str) -> Recipe:
 
 def is_recipe_name(path: str | Path) -> bool:
     return str(path).startswith(RECIPE_PREFIX)
-
-
-def load_recipe(name: str, overrides: list[str] | None = None):
-    """Load and validate a packaged recipe, with ``key=value`` overrides: ``load_recipe("quickstart")``."""
-    from peftlab.config import load_config
-
-    return load_config(get_recipe(name).path, overrides)

@@ -223,31 +223,6 @@ class RunConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output_dir: str = "runs/peftlab-run"
 
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        from peftlab.tasks import TASKS
-
-        if value not in TASKS:
-            raise ValueError(f'unknown task "{value}"{did_you_mean(value, TASKS)}; known: {", ".join(TASKS)}')
-        return value
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: MethodConfig) -> MethodConfig:
-        from peftlab.methods import get_method
-
-        spec = get_method(value.name)  # raises MethodError with a did-you-mean
-        spec.check_options(value.options)
-        return value
-
-    @model_validator(mode="after")
-    def _method_fits_task(self) -> RunConfig:
-        from peftlab.methods import get_method
-
-        get_method(self.method.name).check_task(self.task)
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -367,16 +342,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    """Validate a raw mapping (plus overrides) into a :class:`RunConfig`."""
+def parse_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw mapping (plus overrides) against the schema alone (keys, types, ranges).
+
+    Which tasks and methods exist is checked a layer up, by :func:`peftlab.recipe.build_config`.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a YAML mapping of sections (model, data, ...), not {_kind(raw)}")
     raw = apply_overrides(raw, overrides or [])
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"invalid config: {readable_error(error)}",
-                          "fix these keys in the recipe or --set overrides (see `peftlab train --help`)") from None
+        raise ConfigError(f"invalid config: {readable_error(error)}", CONFIG_HINT) from None
+
+
+CONFIG_HINT = "fix these keys in the recipe or --set overrides (see `peftlab train --help`)"
 
 
 def _kind(value: Any) -> str:
@@ -387,15 +367,8 @@ _NEEDS = ("a recipe needs at least a `model:` section (with `name:`) and a `data
           "`dataset:` or `train_file:`), each key on its own line, indented below its section")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML recipe, apply ``key=value`` overrides and validate it.
-
-    ``path`` is a file, or ``recipe:NAME`` for a recipe packaged with peftlab (``peftlab recipes``).
-    """
-    from peftlab import catalog
-
-    if catalog.is_recipe_name(path):
-        path = catalog.get_recipe(str(path)).path
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe file, with readable errors for what users get wrong in one."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder, not a recipe file", "pass the YAML file itself, e.g. recipe.yaml")
@@ -422,4 +395,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections (model:, data:, ...), but it holds {_kind(raw)}",
                           _NEEDS)
-    return build_config(raw, overrides)
+    return raw

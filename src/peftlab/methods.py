@@ -29,6 +29,7 @@ from peft.utils import constants as peft_tables
 
 from peftlab.errors import MethodError, did_you_mean
 from peftlab.model import untrained_modules
+from peftlab.tasks import TASKS
 
 # Fields of peft configs that peftlab sets itself; users do not pass them as options.
 _MANAGED_FIELDS = {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision",
@@ -746,8 +747,6 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 
 
 def _registered_tasks() -> list[str]:
-    from peftlab.tasks import TASKS
-
     return list(TASKS)
 
 

@@ -10,17 +10,12 @@ import transformers
 from transformers.utils import logging as hf_logging
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from peftlab.assets import resolve_model_name
+from peftlab import placement
+from peftlab.fastpath import base_dtype
+from peftlab.offline_models import resolve_model_name
 from peftlab.config import ModelConfig
 from peftlab.errors import ConfigError
 
-
-
-def torch_dtype(model_cfg: ModelConfig) -> torch.dtype:
-    """The dtype the frozen base is loaded in (``auto``: bf16 on a CUDA GPU with bf16, else float32)."""
-    from peftlab.fastpath import base_dtype
-
-    return base_dtype(model_cfg)
 
 
 def _not_found(name: str, error: Exception) -> ConfigError:
@@ -71,8 +66,6 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
 
 def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transformers.PreTrainedModel:
     """The frozen base model through ``auto_class`` (e.g. AutoModelForSequenceClassification)."""
-    from peftlab import placement
-
     name = _base_name(model_cfg)
     if placement.uses_placement(model_cfg) or model_cfg.quantization != "none":
         kwargs = {**placement.from_pretrained_kwargs(model_cfg, auto_class, load_model_config(model_cfg), **kwargs),
@@ -87,7 +80,7 @@ def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transf
                 name,
                 revision=model_cfg.revision,
                 trust_remote_code=model_cfg.trust_remote_code,
-                dtype=torch_dtype(model_cfg),
+                dtype=base_dtype(model_cfg),
                 **({"attn_implementation": model_cfg.attention} if model_cfg.attention != "auto" else {}),
                 output_loading_info=True,
                 **kwargs,
@@ -189,7 +182,7 @@ def fit_embeddings(model: transformers.PreTrainedModel, tokenizer: PreTrainedTok
     if size <= rows:
         return 0
     model.resize_token_embeddings(size, mean_resizing=False)
-    layers = [model.get_input_embeddings()] + ([] if _tied(model) else [model.get_output_embeddings()])
+    layers = [model.get_input_embeddings()] + ([] if tied_embeddings(model) else [model.get_output_embeddings()])
     for layer in layers:
         weight = layer.weight
         weight[rows:] = weight[:rows].float().mean(0).to(weight.dtype)
@@ -199,43 +192,14 @@ def fit_embeddings(model: transformers.PreTrainedModel, tokenizer: PreTrainedTok
     return size - rows
 
 
-def _tied(model: transformers.PreTrainedModel) -> bool:
+def tied_embeddings(model: transformers.PreTrainedModel) -> bool:
     """Whether there is no separate output embedding (none, or one sharing the input's weights)."""
     output = model.get_output_embeddings()
     return output is None or output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def _layer_name(model: torch.nn.Module, layer: torch.nn.Module | None) -> str | None:
+def layer_name(model: torch.nn.Module, layer: torch.nn.Module | None) -> str | None:
     return next((name for name, module in model.named_modules() if module is layer), None)
-
-
-def new_token_options(model_cfg: ModelConfig, method: str, model: transformers.PreTrainedModel,
-                      tokenizer: PreTrainedTokenizerBase, options: dict[str, Any]) -> dict[str, Any]:
-    """The method options that train the added tokens (``model.train_new_tokens``)."""
-    if not model_cfg.new_tokens() or method == "full":  # full fine-tuning trains the whole embeddings anyway
-        return options
-    if method != "lora":
-        raise ConfigError(f'added tokens (model.add_tokens / add_special_tokens) are trained with method "lora", '
-                          f'not "{method}": other techniques would leave their embeddings untrained',
-                          "use method.name=lora (docs/big-models.md)")
-    ids = new_token_ids(tokenizer, model_cfg)
-    embed = _layer_name(model, model.get_input_embeddings())
-    output = model.get_output_embeddings()
-    head = None if output is None else _layer_name(model, output)
-    if model_cfg.train_new_tokens == "rows":
-        if "trainable_token_indices" in options:
-            return options
-        layers = [embed] + ([head] if head and not _tied(model) else [])
-        return {**options, "trainable_token_indices": {name.split(".")[-1]: ids for name in layers}}
-    from peftlab.methods import get_method, target_model_type
-
-    targets = get_method(method).resolve_options(target_model_type(model.config), options,
-                                                 model).get("target_modules")
-    if isinstance(targets, str):
-        raise ConfigError("model.train_new_tokens=lora adds the embedding layers to method.options.target_modules, "
-                          "which is a regular expression here", "give target_modules as a list")
-    extra = [name.split(".")[-1] for name in (embed, head) if name]
-    return {**options, "target_modules": list(dict.fromkeys([*targets, *extra]))}
 
 
 # --- does an adapter fit a base? --------------------------------------------------------

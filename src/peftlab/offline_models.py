@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
-from peftlab.assets import packaged_path
+from peftlab.assets import OFFLINE_MODEL_PREFIX, packaged_path
 from peftlab.errors import ConfigError
 
 MARKER = "peftlab-offline.json"
@@ -71,6 +71,24 @@ OFFLINE_MODELS: dict[str, Callable[[], Path]] = {
     "minilm2minilm": minilm2minilm_path,
 }
 """alias -> function returning the cached checkpoint folder (building it on first use)."""
+
+
+def resolve_model_name(name: str) -> str:
+    """Map ``offline:ALIAS`` to a local model folder; other names pass through.
+
+    ``offline:minilm`` is the packaged all-MiniLM-L6-v2; ``offline:smollm2`` (SmolLM2-135M-
+    Instruct, converted once from its GGUF file) and ``offline:minilm2minilm`` (a BERT2BERT
+    encoder-decoder warm-started from MiniLM) are built on first use and cached.
+    """
+    if not name.startswith(OFFLINE_MODEL_PREFIX):
+        return name
+    alias = name[len(OFFLINE_MODEL_PREFIX):]
+    if alias in OFFLINE_MODELS:
+        return str(OFFLINE_MODELS[alias]())
+    if alias == "minilm":
+        return str(packaged_path(alias))
+    known = ", ".join(OFFLINE_MODEL_PREFIX + a for a in ["minilm", *OFFLINE_MODELS])
+    raise ConfigError(f'unknown offline model "{name}"', f"known: {known}")
 
 
 # ----------------------------------------------------------------------------- builders

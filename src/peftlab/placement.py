@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from peftlab.config import ModelConfig
+from peftlab.fastpath import base_dtype
 from peftlab.errors import ConfigError
 
 DISK = "disk"
@@ -154,15 +155,13 @@ def plan(model_cfg: ModelConfig, auto_class: type, budget: dict[int | str, int],
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
 
-    from peftlab.model import torch_dtype
-
     config = copy.deepcopy(config)
     for key, value in model_kwargs.items():  # e.g. num_labels: the head's size
         setattr(config, key, value)
     with init_empty_weights():
-        empty = auto_class.from_config(config, dtype=torch_dtype(model_cfg))
+        empty = auto_class.from_config(config, dtype=base_dtype(model_cfg))
     no_split = set(getattr(empty, "_no_split_modules", None) or [])
-    sizes = compute_module_sizes(empty, dtype=torch_dtype(model_cfg))
+    sizes = compute_module_sizes(empty, dtype=base_dtype(model_cfg))
     blocks: list[str] = []
     for name, module in empty.named_modules():
         if type(module).__name__ in no_split and not any(name.startswith(b + ".") for b in blocks):

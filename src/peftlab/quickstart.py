@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from peftlab import load_config, recipe_path
+from peftlab.catalog import get_recipe
+from peftlab.recipe import load_config
 from peftlab.artifacts import load_adapter
 from peftlab.data import load_splits
 from peftlab.inference import predict
@@ -20,7 +21,7 @@ EXAMPLES = [
 def run(out_dir: str = "runs/quickstart", overrides: list[str] | None = None, overwrite: bool = True,
         console: Console | None = None):
     console = console or Console()
-    config = load_config(str(recipe_path("quickstart")), [f"output_dir={out_dir}", *(overrides or [])])
+    config = load_config(str(get_recipe("quickstart").path), [f"output_dir={out_dir}", *(overrides or [])])
     console.print(f"[bold]peftlab quickstart[/bold]: LoRA on {config.model.name} (all-MiniLM-L6-v2), "
                   f"Rotten Tomatoes reviews, {config.training.max_steps} steps of batch {config.training.batch_size}")
     result = train(config, overwrite=overwrite, evaluate_before=True)

@@ -22,24 +22,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from peftlab import artifacts, checkpoint, compat, fastpath
+from peftlab import artifacts, checkpoint, fastpath, placement
 from peftlab.checkpoint import TrainingInterrupted, TrainingState
-from peftlab.config import RunConfig, TrainingConfig
+from peftlab.config import RunConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
-from peftlab.methods import MethodSpec, get_method, linear_layer_names, target_model_type
-from peftlab.model import (fit_embeddings, load_model_config, load_tokenizer, max_positions,
-                           new_token_options)
+from peftlab.method_stage import build_model, count_parameters, mixed_precision
+from peftlab.methods import MethodSpec, get_method
+from peftlab.model import load_model_config, load_tokenizer, max_positions
 from peftlab.progress import TrainingProgress
 from peftlab.tasks import get_task
+from peftlab.tasks.base import LOWER_IS_BETTER
 
 
-LOWER_IS_BETTER = {"loss", "perplexity", "mse"}
 
 
 @dataclass
@@ -65,23 +65,6 @@ class RunResult:
     @property
     def trainable_share(self) -> float:
         return self.trainable_params / self.total_params
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, as peft counts them."""
-    if isinstance(model, PeftModel):
-        return model.get_nb_trainable_parameters()
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-def mixed_precision(training: TrainingConfig, base_dtype: str = "float32") -> str:
-    """accelerate's autocast setting: ``auto`` = bf16 on a CUDA GPU with bf16, or when the base is half precision."""
-    if training.precision == "auto":
-        if base_dtype == "float16":
-            return "fp16"
-        return "bf16" if fastpath.cuda_bf16() or base_dtype == "bfloat16" else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[training.precision]
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -202,54 +185,8 @@ def _resume_point(config: RunConfig, resume: bool, overwrite: bool, main_process
     return None
 
 
-def build_model(config: RunConfig, task, spec, meta: dict[str, Any], tokenizer, fast: fastpath.FastPath):
-    """The base model (in the fast path's dtype) with the technique on top: ``(peft model, base, peft config)``.
-
-    What ``train()`` trains, and what the throughput benchmark measures.
-    """
-    base = task.load_model(config.model.model_copy(update={"dtype": fast.base_dtype}), meta)
-    if config.model.quantization != "none":  # QLoRA: fp32 norms and head, inputs that carry gradients
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    fit_embeddings(base, tokenizer)  # room for model.add_tokens (docs/big-models.md)
-    options = new_token_options(config.model, spec.name, base, tokenizer, config.method.options)
-    peft_config = spec.build(task.peft_task_type, target_model_type(base.config), options, model=base)
-    spec.check_model(base, peft_config)
-    if peft_config is None:  # full fine-tuning: the model itself, every weight trainable
-        model = base.requires_grad_(True)
-    else:
-        try:
-            model = get_peft_model(base, peft_config)
-        except (ValueError, TypeError, RuntimeError) as error:
-            targets = getattr(peft_config, "target_modules", None)
-            hint = "set method.options to fit this architecture"
-            if targets:
-                hint = (f"target_modules={sorted(targets) if not isinstance(targets, str) else targets}; this "
-                        f"model's linear layers are named: {', '.join(linear_layer_names(base))}")
-            raise PeftlabError(f'method "{spec.name}" cannot be applied to {config.model.name}: '
-                               f"{str(error).splitlines()[0]}", hint) from None
-    compat.apply_fixes(model)
-    _fast_model(model, fast, tokenizer)
-    return model, base, peft_config
-
-
-def _fast_model(model: torch.nn.Module, fast: fastpath.FastPath, tokenizer) -> None:
-    """The fast path's changes to the built peft model (fastpath.py), confirming packing on the model itself."""
-    if fast.base_dtype != "float32":
-        fastpath.upcast_trainable(model)
-    if fast.packing and not fastpath.packing_isolated(model, len(tokenizer)):
-        fast.packing = False
-        fast.notes.append(f"packing off: {model.config.model_type} attention is not kept inside packed rows")
-    if fast.gradient_checkpointing:
-        fastpath.enable_gradient_checkpointing(model)
-    if fast.compile:
-        fastpath.compile_base(model)
-
-
 def _check_placement(model_cfg) -> None:
     """Device maps and disk offload are for inference; a quantized base is how a big one trains."""
-    from peftlab import placement
-
     if placement.uses_placement(model_cfg):
         raise ConfigError("model.device_map / max_memory / offload_folder spread a base over devices for eval, "
                           "predict and serve; training keeps the base on the training device",

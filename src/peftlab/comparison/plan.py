@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import RunConfig, apply_overrides, build_config
+from peftlab.config import RunConfig, apply_overrides
+from peftlab.recipe import build_config
 from peftlab.errors import ConfigError
 from peftlab.methods import METHODS, get_method
 

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from peftlab.comparison.report import Group, Summary  # noqa: E402
+from peftlab.comparison.summary import Group, Summary  # noqa: E402
 
 def _color(summary: Summary, group: Group):
     """One colour per method: tab10 up to 10 methods, tab20 (paired shades) up to 20, then repeats."""

@@ -24,6 +24,7 @@ from peftlab.checkpoint import TrainingInterrupted
 from peftlab.comparison.display import CompareProgress
 from peftlab.comparison.measure import PeakMemory, StepRecorder, release_memory
 from peftlab.comparison.plan import DEFAULT_LEARNING_RATES, PlannedRun, plan_runs
+from peftlab.comparison.report import write_reports
 from peftlab.config import RunConfig
 from peftlab.train import train
 
@@ -140,8 +141,6 @@ def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[
     Returns:
         a :class:`CompareResult`; runs that failed have ``status: "failed"`` and ``error``.
     """
-    from peftlab.comparison.report import write_reports
-
     out_dir = Path(out_dir)
     runs = plan_runs(config, out_dir, methods, seeds, method_overrides, lr_sweep)
     out_dir.mkdir(parents=True, exist_ok=True)

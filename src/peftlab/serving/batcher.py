@@ -27,7 +27,7 @@ from typing import Any
 
 from peftlab.config import GenerationConfig
 from peftlab.serving.metrics import Metrics
-from peftlab.serving.registry import BASE, Registry, ServedAdapter
+from peftlab.serving.registry import BASE, AdapterNotFound, Registry, ServedAdapter
 from peftlab.tasks import generation as gen
 
 
@@ -138,8 +138,6 @@ class Batcher:
             if job.kind == "control" or job.stream is not None:
                 later.append(job)
             elif job.adapter.group is not None and self.registry.adapters.get(job.adapter.name) is not job.adapter:
-                from peftlab.serving.registry import AdapterNotFound
-
                 _fail(job, AdapterNotFound(f'the adapter "{job.adapter.name}" was deleted'))
             else:
                 for i in range(len(job.items)):

@@ -14,6 +14,11 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftlab.config import DataConfig, GenerationConfig, ModelConfig
+from peftlab.placement import input_device
+
+
+# metrics where lower is better (best-evaluation keeping, comparisons); every other metric: higher is better
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse"})
 
 
 class Task(Protocol):
@@ -59,8 +64,6 @@ class Task(Protocol):
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where inputs go (the execution device of the first layer when accelerate placed the model)."""
-    from peftlab.placement import input_device
-
     return input_device(model)
 
 
