@@ -158,7 +158,7 @@ def peftlab_fast(shape: Shape, base: Path, method: str, batches, device, warmup:
     from peftlab.methods import get_method
     from peftlab.tasks import get_task
     from peftlab.method_stage import build_model, mixed_precision
-    from peftlab.train import build_optimizer
+    from peftlab.loop import build_optimizer
 
     config = build_config({
         "model": {"name": str(base)}, "task": shape.task, "method": {"name": method, "options": OPTIONS.get(method, {})},

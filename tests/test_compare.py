@@ -4,12 +4,14 @@ interrupts and re-runs, and a report that renders (headless Chromium)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -74,7 +76,8 @@ def test_every_technique_and_seed_has_a_row_with_sane_values(all_methods):
         assert row["metrics"]["accuracy"] == row["main_value"] and "f1" in row["metrics"]
         assert 0 < row["trainable_params"] < row["total_params"]
         assert row["trainable_share"] == pytest.approx(row["trainable_params"] / row["total_params"])
-        assert row["learning_rate"] == DEFAULT_LEARNING_RATES[row["method"]] and row["lr_source"] == "default"
+        assert row["learning_rate"] == METHODS[row["method"]].learning_rate_for(row["task"])
+        assert row["lr_source"] == "default"
         # adapter size is the file's size; the run folder is a standard adapter directory
         run_dir = result.out_dir / row["run_dir"]
         assert row["adapter_bytes"] == (run_dir / "adapter_model.safetensors").stat().st_size
@@ -199,7 +202,7 @@ def test_learning_rates_overrides_and_sweep(base_raw, tmp_path):
     assert (lora.learning_rate, lora.lr_source) == (5e-4, "config")  # the config's lr is for its own method
     assert lora.config.method.options == {"r": 4} and by["ia3", 1, 1].config.method.options == {}
     assert (by["prefix", 2, 3].learning_rate, by["prefix", 2, 3].lr_source) == (0.06, "override")
-    assert by["ia3", 1, 0.3].learning_rate == pytest.approx(DEFAULT_LEARNING_RATES["ia3"] * 0.3)
+    assert by["ia3", 1, 0.3].learning_rate == pytest.approx(METHODS["ia3"].learning_rate * 0.3)
     assert by["ia3", 1, 1].lr_source == "default"
     assert by["lora", 1, 1].config.training.batch_size == 8 and by["prompt", 1, 1].config.training.batch_size == 4
     assert by["prefix", 2, 0.3].name == "prefix-seed2-lr0.006"
@@ -237,10 +240,37 @@ def test_bad_override_values_fail_before_any_training(base_raw, tmp_path, monkey
 
 
 def test_every_registered_method_is_compared_by_default_with_its_own_learning_rate(base_raw, tmp_path):
+    """The default rate is the method spec's (methods.py); the exported DEFAULT_LEARNING_RATES is read from it."""
     runs = plan_runs(build_config(base_raw), tmp_path)
     assert [run.method for run in runs] == list(METHODS)
-    assert set(DEFAULT_LEARNING_RATES) == set(METHODS)  # a new technique gets a deliberate default rate
-    assert all(run.learning_rate == DEFAULT_LEARNING_RATES[run.method] for run in runs)
+    assert all(run.learning_rate == METHODS[run.method].learning_rate_for("seq-cls") for run in runs)
+    assert dict(DEFAULT_LEARNING_RATES) == {name: spec.learning_rate for name, spec in METHODS.items()}
+
+
+def test_a_task_familys_own_default_rate_is_used_and_reported(base_raw, tmp_path, monkeypatch):
+    """A spec's per-family rate (task_learning_rates) is the default for that family only; the results header and
+    the report's notes list the rates of the comparison's family."""
+    monkeypatch.setitem(METHODS, "ia3", dataclasses.replace(METHODS["ia3"], task_learning_rates={"seq-cls": 7e-3}))
+    runs = {run.method: run for run in plan_runs(build_config(base_raw), tmp_path, ["ia3", "lora"])}
+    assert (runs["ia3"].learning_rate, runs["ia3"].lr_source) == (7e-3, "default")
+    assert runs["lora"].learning_rate == METHODS["lora"].learning_rate
+    assert DEFAULT_LEARNING_RATES["ia3"] == METHODS["ia3"].learning_rate == 8e-3  # the general rate
+    result = compare(build_config({**base_raw, "training": {**base_raw["training"], "max_steps": 1}}),
+                     methods=["ia3"], out_dir=tmp_path / "cmp", progress=False)
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["default_learning_rates"]["ia3"] == 7e-3
+    assert result.rows[0]["learning_rate"] == 7e-3
+    assert "ia3 0.007," in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def test_the_docs_table_of_default_rates_is_the_registrys():
+    """docs/compare.md's table says what the registry holds (each technique once)."""
+    text = (Path(__file__).parents[1] / "docs" / "compare.md").read_text()
+    section = text.split("## Learning rates", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for cells in (line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")):
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            documented[name] = float(cells[1])
+    assert documented == {name: spec.learning_rate for name, spec in METHODS.items()}
 
 
 NEW_IN_COMPARE = ["dora", "lora-plus", "pissa", "adalora", "vera", "ln-tuning", "bitfit", "full"]

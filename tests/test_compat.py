@@ -1,6 +1,9 @@
-"""The isolated fix for prefix tuning on BERT/RoBERTa classifiers (see peftlab/compat.py)."""
+"""The isolated fixes for upstream breakages (peftlab/compat.py): each works, and each has a canary,
+``test_upstream_*``, that fails when upstream fixes the bug (compat.py's docstring lists them)."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -78,3 +81,131 @@ def test_upstream_ia3_merge_with_a_roberta_head_is_still_broken(tiny_models):
                                            feedforward_modules=["output.dense"]))
     with pytest.raises(AttributeError, match="has no attribute 'weight'"):
         model.merge_and_unload()
+
+
+# --- PiSSA / OLoRA conversion drops the other saved tensors ---------------------------------
+
+def test_upstream_pissa_conversion_still_drops_the_head(tiny_models, tmp_path):
+    """If this starts failing, peft's conversion on save keeps the classification head (modules_to_save) and
+    compat.restore_dropped_tensors can go; with it, the head is back, unchanged."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=2)
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=4,
+                                            init_lora_weights="pissa"))
+    model.peft_config["default"].init_lora_weights = True  # peft's recipe: the starting adapter as a plain LoRA
+    model.save_pretrained(str(tmp_path / "initial"))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.01)  # "trained"
+    model.save_pretrained(str(tmp_path / "converted"),
+                          path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    weights = tmp_path / "converted" / "adapter_model.safetensors"
+    expected = get_peft_model_state_dict(model)
+    head = sorted(k for k in expected if "classifier" in k)
+    assert head and not set(head) & set(load_file(str(weights)))  # the trained head is not saved
+    assert sorted(compat.restore_dropped_tensors(weights, expected)) == head
+    saved = load_file(str(weights))
+    for name in head:
+        torch.testing.assert_close(saved[name], expected[name])
+
+
+# --- switching a prompt-learning classifier's adapter off ----------------------------------
+
+def _prompt_classifier(path):
+    from peft import PromptTuningConfig
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2).eval()
+    return base, get_peft_model(base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)).eval()
+
+
+def test_upstream_disable_adapter_still_fails_for_prompt_learning_classifiers(tiny_models):
+    """If this starts failing, peft's disable_adapter() works for prompt-learning classifiers and
+    compat.adapter_disabled can go (inference.logits(without_adapter=True) would use peft's)."""
+    _, model = _prompt_classifier(tiny_models["bert"])
+    with pytest.raises(UnboundLocalError, match="old_prepare_inputs_for_generation"):
+        with torch.no_grad(), model.disable_adapter():
+            model(**_batch(tiny_models["bert"]))
+
+
+@pytest.mark.parametrize("kind", ["prompt", "lora"])
+def test_adapter_disabled_gives_the_bare_base(tiny_models, kind):
+    """compat.adapter_disabled: the base's own outputs (its original head, no virtual tokens), the adapter back on
+    afterwards; a weight adapter goes through peft's disable_adapter()."""
+    from peft import LoraConfig
+
+    batch = _batch(tiny_models["bert"])
+    if kind == "prompt":
+        base, model = _prompt_classifier(tiny_models["bert"])
+    else:
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=2).eval()
+        model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"],
+                                                init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:  # the adapter and the trained copy of the head differ from the base
+                param.add_(0.5)
+        adapted = model(**batch).logits
+        with compat.adapter_disabled(model) as bare:
+            plain = bare(**batch).logits
+        again = model(**batch).logits
+        fresh = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=2).eval()
+        fresh.classifier.load_state_dict(_original_head(model).state_dict())
+        expected = fresh(**batch).logits
+    torch.testing.assert_close(plain, expected)
+    assert not torch.allclose(plain, adapted)
+    torch.testing.assert_close(again, adapted)
+
+
+def _original_head(model):
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrapper = next(m for m in model.modules() if isinstance(m, ModulesToSaveWrapper))
+    return wrapper.original_module
+
+
+# --- upstream notices that are not actionable for users ------------------------------------
+
+def _future_warnings(action, silence: bool) -> list[str]:
+    """The messages of the FutureWarnings ``action`` raises, every filter reset (then peftlab's, if ``silence``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        if silence:
+            compat.silence_upstream_notices()
+        action()
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_upstream_notices_are_still_raised(tiny_models):
+    """If this starts failing, upstream no longer raises a notice compat.UPSTREAM_NOTICES silences, and its entry can
+    go; with compat.silence_upstream_notices() (called by `import peftlab`) neither is shown."""
+    from peft import LoraConfig
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    def wrap():
+        base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=2)
+        get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+
+    small = {"vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32}
+    bert2bert = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(
+        BertConfig(**small), BertConfig(**small, is_decoder=True, add_cross_attention=True)))
+    bert2bert.config.decoder_start_token_id, bert2bert.config.pad_token_id = 2, 0
+
+    def train_step():
+        ids = torch.tensor([[2, 5, 6, 3]])
+        bert2bert(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([[5, 6, 3]]))
+
+    for action, notice in ((wrap, "`is_gradient_checkpointing` is deprecated"),
+                           (train_step, "introduces a better way to train encoder-decoder models")):
+        raised = _future_warnings(action, silence=False)
+        assert any(notice in message for message in raised), raised
+        assert not any(notice in message for message in _future_warnings(action, silence=True))

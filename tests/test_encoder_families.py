@@ -19,14 +19,12 @@ from peftlab import build_config, compat, load_adapter, train
 from peftlab.errors import MethodError
 from peftlab.inference import logits
 from peftlab.methods import METHODS, describe, get_method, kv_cache_support, takes_kv_cache
-from peftlab.testing import ENCODER_ARCHS, keyword_rows, make_tiny_model, write_csv
+from peftlab.testing import ENCODER_ARCHS, keyword_rows, make_tiny_model, tiny_model_rate, write_csv
 
 FAMILIES = list(ENCODER_ARCHS)
 NO_KV_CACHE = {"deberta-v2", "deberta", "albert", "mpnet", "modernbert", "distilbert"}  # their attention takes none
 PREFIX = ["prefix", "ptuning-v2"]
 TECHNIQUES = ["lora", "ia3", "prompt", "ptuning", *PREFIX, "loha", "ln-tuning"]
-LEARNING_RATES = {"lora": 1e-2, "ia3": 5e-2, "prefix": 1e-2, "ptuning-v2": 3e-2, "prompt": 1e-2, "ptuning": 1e-2,
-                  "loha": 2e-2, "ln-tuning": 5e-2}
 # what from_pretrained draws at random beyond peft's own classifier / score (which DistilBERT's pre_classifier
 # matches by name suffix): it must train and save with the adapter
 UNTRAINED = {"deberta-v2": ["pooler"], "deberta": ["pooler"], "modernbert": ["head"]}
@@ -51,8 +49,8 @@ def _config(encoders, rows, out, arch: str, method: str, **method_options):
         "model": {"name": str(encoders[arch])}, "task": "seq-cls",
         "method": {"name": method, "options": method_options},
         "data": {"train_file": str(rows["train"]), "validation_file": str(rows["validation"]), "max_length": 24},
-        "training": {"max_steps": 3, "batch_size": 16, "learning_rate": LEARNING_RATES[method], "progress": False,
-                     "eval_strategy": "no", "keep": "last", "seed": 0},
+        "training": {"max_steps": 3, "batch_size": 16, "learning_rate": tiny_model_rate(METHODS[method], "seq-cls"),
+                     "progress": False, "eval_strategy": "no", "keep": "last", "seed": 0},
         "output_dir": str(out),
     })
 
@@ -130,6 +128,7 @@ def test_kv_cache_support_is_read_off_the_model_and_shown_by_peftlab_methods(enc
     assert exit_info.value.code in (0, None)
     printed = " ".join(capsys.readouterr().out.split())
     assert "architectures:" in printed and "not deberta, deberta-v2, albert, mpnet, distilbert, modernbert" in printed
+    assert f"default learning rate: {METHODS['ptuning-v2'].learning_rate:g}" in printed  # from the registry
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "loha", "ln-tuning"])

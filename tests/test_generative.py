@@ -9,9 +9,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from peftlab import build_config, compat, load_adapter, predict, train
+from peftlab.methods import METHODS
+from peftlab.testing import tiny_model_rate
 
 FAMILIES = {"t5": "seq2seq", "llama": "causal-lm", "gpt2": "causal-lm"}
-LEARNING_RATES = {"lora": 1e-2, "ia3": 5e-2, "prefix": 5e-2, "ptuning-v2": 5e-2, "prompt": 5e-2, "ptuning": 5e-2}
+TECHNIQUES = ["lora", "ia3", "prefix", "ptuning-v2", "prompt", "ptuning"]
 PROMPTS = ["alpha great bravo", "delta awful echo", "golf great"]
 
 
@@ -21,8 +23,8 @@ def generative_config(tiny_lms, generative_data, tmp_path, arch, method, **overr
         "model": {"name": str(tiny_lms[arch])}, "task": task, "method": {"name": method},
         "data": {"train_file": str(generative_data["train"]), "validation_file": str(generative_data["validation"]),
                  "target_column": "target", "max_length": 32, "target_max_length": 4},
-        "training": {"epochs": 12, "batch_size": 16, "learning_rate": LEARNING_RATES[method], "progress": False,
-                     "seed": 0},
+        "training": {"epochs": 12, "batch_size": 16, "learning_rate": tiny_model_rate(METHODS[method], task),
+                     "progress": False, "seed": 0},
         "output_dir": str(tmp_path / "run"),
     }
     if task == "causal-lm":
@@ -94,7 +96,7 @@ def check_generation_is_faithful(model, tokenizer, prompts: list[list[int]], dec
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
-@pytest.mark.parametrize("method", list(LEARNING_RATES))
+@pytest.mark.parametrize("method", TECHNIQUES)
 def test_technique_trains_generates_and_reloads(tiny_lms, generative_data, tmp_path, arch, method):
     config = generative_config(tiny_lms, generative_data, tmp_path, arch, method)
     result = train(config, evaluate_before=True)
@@ -170,9 +172,9 @@ def test_prompt_learning_generation_does_not_depend_on_the_batch(tiny_lms, gener
     alone = generate(1)
     assert generate(len(prompts)) == alone
     split = method in {"prompt", "ptuning"}
-    assert generation._drops_position_ids(model) == split
+    assert compat.prompt_positions_dropped(model) == split
     if split:  # without the equal-length batches, padding shifts the short rows (would fail if peft kept them)
-        monkeypatch.setattr(generation, "_drops_position_ids", lambda model: False)
+        monkeypatch.setattr(compat, "prompt_positions_dropped", lambda model: False)
         assert generate(len(prompts)) != alone
     # the full path: predict() gives each text the output it gets alone
     texts = ["alpha great bravo charlie", "golf", "kilo awful"]

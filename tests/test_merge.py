@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -12,7 +13,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel
                           AutoTokenizer, BertConfig, BertModel)
 
 from peftlab import PeftlabError, build_config, cli, combine, load_adapter, merge, train
-from peftlab.methods import METHODS
+from peftlab.methods import METHODS, peft_type_of, spec_for_peft_type
 from peftlab.testing import make_tiny_model
 
 TEXTS = ["alpha great bravo", "delta awful echo foxtrot"]
@@ -21,7 +22,7 @@ AUTO = {"seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelFor
 
 
 def tiny_run(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path, arch, method, name="run", seed=0,
-             **options):
+             steps=4, **options):
     task = "seq-cls" if arch in tiny_models else ("seq2seq" if arch == "t5" else "causal-lm")
     model = tiny_models.get(arch) or tiny_lms[arch]
     data = keyword_data if task == "seq-cls" else generative_data
@@ -29,7 +30,7 @@ def tiny_run(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path, arc
         "model": {"name": str(model)}, "task": task, "method": {"name": method, "options": options},
         "data": {"train_file": str(data["train"]), "validation_file": str(data["validation"]), "max_length": 32,
                  "max_train_samples": 64, "max_eval_samples": 8, "target_max_length": 4},
-        "training": {"max_steps": 4, "batch_size": 16, "learning_rate": 5e-2, "progress": False, "seed": seed,
+        "training": {"max_steps": steps, "batch_size": 16, "learning_rate": 5e-2, "progress": False, "seed": seed,
                      "eval_strategy": "no", "keep": "last"},
         "output_dir": str(tmp_path / name),
     }
@@ -110,6 +111,60 @@ def test_techniques_that_cannot_merge_are_flagged_and_refused(tiny_models, tiny_
     with pytest.raises(PeftlabError, match="full fine-tuning run, not an adapter"):
         combine([result.output_dir, result.output_dir], tmp_path / "combined")
     assert not (tmp_path / "merged").exists() and not (tmp_path / "combined").exists()
+
+
+REFUSALS = {"full": "full fine-tuning run: it is already a plain transformers model",
+            "prompt learning": r"adapter \(prompt learning\): it adds virtual tokens, not weights, so there is "
+                               "nothing to fold"}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_merge_does_what_the_registry_flag_says(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path,
+                                                method):
+    """Every registered technique: merge succeeds exactly where its spec says mergeable (a tiny BERT run), and
+    refuses the others with their specific error, before writing anything."""
+    spec = METHODS[method]
+    result = tiny_run(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path, "bert", method)
+    if spec.mergeable:
+        assert merge(result.output_dir, tmp_path / "merged").max_abs_diff < 1e-4
+        assert (tmp_path / "merged" / "model.safetensors").is_file()
+        return
+    reason = "full" if spec.full else "prompt learning" if spec.prompt_learning else None
+    with pytest.raises(PeftlabError, match=REFUSALS[reason] if reason else f"is a {method} adapter .*not mergeable"):
+        merge(result.output_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_techniques_sharing_a_peft_type_agree_on_merging():
+    """A plain-peft adapter names only its peft type: the techniques of one type (LoRA and its variants; prefix
+    tuning and P-tuning v2) must agree on the flags merge reads."""
+    for spec in METHODS.values():
+        if spec.config_cls is not None:
+            first = spec_for_peft_type(peft_type_of(spec.config_cls))
+            assert (first.mergeable, first.prompt_learning) == (spec.mergeable, spec.prompt_learning), spec.name
+
+
+def test_merge_reads_the_flag_for_peftlab_runs_and_plain_peft_adapters(tiny_models, tiny_lms, keyword_data,
+                                                                      generative_data, tmp_path, monkeypatch):
+    """A technique the registry marks not mergeable is refused though peft could merge it: a peftlab run by its
+    method, a plain-peft adapter by its peft type (LORA: lora)."""
+    from peft import LoraConfig
+
+    result = tiny_run(tiny_models, tiny_lms, keyword_data, generative_data, tmp_path, "bert", "dora", steps=1)
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=2)
+    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"])
+                   ).save_pretrained(str(tmp_path / "plain"))
+    assert METHODS["dora"].mergeable and METHODS["lora"].mergeable
+    for name in ("dora", "lora"):
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], mergeable=False))
+    with pytest.raises(PeftlabError, match=r"is a dora adapter \(LORA\): DoRA .* is not mergeable") as refused:
+        merge(result.output_dir, tmp_path / "merged")
+    assert "peftlab predict" in refused.value.hint
+    with pytest.raises(PeftlabError, match=r"is a lora adapter \(LORA\): Low-rank adaptation is not mergeable"):
+        merge(tmp_path / "plain", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    monkeypatch.undo()
+    assert merge(tmp_path / "plain", tmp_path / "merged").max_abs_diff < 1e-4
 
 
 def test_prompt_learning_adapter_cannot_be_merged(tiny_models, tmp_path, capsys, monkeypatch):

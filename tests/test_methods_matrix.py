@@ -1,8 +1,10 @@
 """Every technique x task family: it learns, it reloads exactly, plain peft (or, for full
-fine-tuning, plain transformers) loads it. New registry entries are picked up from METHODS:
-each needs a learning rate below, or test_every_method_has_a_learning_rate fails."""
+fine-tuning, plain transformers) loads it. New registry entries are picked up from METHODS; each trains at
+its spec's rate for tiny models (peftlab.testing.tiny_model_rate)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,13 +13,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelF
 
 from peftlab import build_config, compat, evaluate, load_adapter, predict, train
 from peftlab.errors import MethodError
-from peftlab.methods import METHODS
+from peftlab.methods import METHODS, register
+from peftlab.testing import tiny_model_rate
 
-# A learning rate per technique that fits the tiny models (prompt methods need their own).
-LEARNING_RATES = {"lora": 1e-2, "ia3": 5e-2, "prefix": 1e-2, "ptuning-v2": 3e-2, "prompt": 1e-2, "ptuning": 1e-2,
-                  "dora": 1e-2, "rslora": 1e-2, "lora-plus": 5e-3, "pissa": 1e-2, "olora": 1e-2, "adalora": 2e-2,
-                  "loha": 2e-2, "lokr": 5e-2, "vera": 5e-2, "oft": 1e-2, "ln-tuning": 5e-2, "bitfit": 5e-2,
-                  "full": 1e-3}
 CLASSIC = ["lora", "ia3", "prefix", "ptuning-v2", "prompt", "ptuning"]  # also on both encoders, 12 epochs
 NEW = [name for name in METHODS if name not in CLASSIC]
 # the tiny architecture each family is tested on; a technique that cannot use it (BitFit: no biases) names another
@@ -33,7 +31,16 @@ def _logits(model, tokenizer, texts=PROBE):
 
 
 def test_every_method_has_a_learning_rate():
-    assert set(METHODS) == set(LEARNING_RATES)
+    """The spec carries the default rate (compare, docs) and, where tiny models need another, the tests' rate;
+    a technique without a default is refused at registration."""
+    for spec in METHODS.values():
+        assert spec.learning_rate > 0, spec.name
+        for task in spec.tasks:
+            assert tiny_model_rate(spec, task) > 0 and spec.learning_rate_for(task) > 0, (spec.name, task)
+    assert tiny_model_rate(METHODS["prefix"], "seq-cls") == METHODS["prefix"].learning_rate  # no faster rate needed
+    with pytest.raises(ValueError, match="needs a default learning_rate"):
+        register(dataclasses.replace(METHODS["lora"], name="lora-without-a-rate", learning_rate=0.0))
+    assert "lora-without-a-rate" not in METHODS
 
 
 def test_methods_are_grouped_and_say_when_they_help():
@@ -55,7 +62,8 @@ def _check_artifacts(out, full: bool):
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 @pytest.mark.parametrize("method", CLASSIC)
 def test_technique_learns_and_reloads_identically(make_config, arch, method):
-    config = make_config(arch, method, **{"training.epochs": 12, "training.learning_rate": LEARNING_RATES[method]})
+    rate = tiny_model_rate(METHODS[method], "seq-cls")
+    config = make_config(arch, method, **{"training.epochs": 12, "training.learning_rate": rate})
     result = train(config, evaluate_before=True)
 
     # it learned the keyword task
@@ -102,7 +110,8 @@ def new_method_config(tiny_models, tiny_lms, keyword_data, generative_data, tmp_
         "method": {"name": method},
         "data": {"train_file": str(data["train"]), "validation_file": str(data["validation"]), "max_length": 32,
                  "max_train_samples": 64 if generative else 128, "max_eval_samples": 16},
-        "training": {"epochs": 6 if generative else 8, "batch_size": 16, "learning_rate": LEARNING_RATES[method], "progress": False,
+        "training": {"epochs": 6 if generative else 8, "batch_size": 16,
+                     "learning_rate": tiny_model_rate(METHODS[method], family), "progress": False,
                      "seed": 0, "eval_strategy": "no", "keep": "last"},
         "output_dir": str(tmp_path / "run"),
     }
@@ -189,7 +198,8 @@ def test_lora_plus_gives_the_b_matrices_the_larger_learning_rate(make_config):
 
 
 def test_adalora_schedule_follows_the_run_and_masks_the_kept_ranks(make_config):
-    config = make_config("bert", "adalora", **{"training.epochs": 2, "training.learning_rate": 2e-2})
+    rate = tiny_model_rate(METHODS["adalora"], "seq-cls")
+    config = make_config("bert", "adalora", **{"training.epochs": 2, "training.learning_rate": rate})
     result = train(config)
     peft_config = result.model.peft_config["default"]
     assert peft_config.total_step == 32  # 2 epochs x 16 steps

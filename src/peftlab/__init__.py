@@ -12,13 +12,9 @@ The Python API (the CLI is a thin layer over it)::
 
 from peftlab.version import __version__  # noqa: E402
 
-import warnings  # noqa: E402
+from peftlab import compat  # noqa: E402
 
-# peft 0.21 calls a transformers API that 5.x deprecated; the notice is not actionable for users.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-# transformers' EncoderDecoderModel repeats a v4.12 migration notice on every forward.
-warnings.filterwarnings("ignore", message=".*introduces a better way to train encoder-decoder.*",
-                        category=FutureWarning)
+compat.silence_upstream_notices()  # upstream's notices about its own code (compat.py)
 
 from peftlab.artifacts import LoadedAdapter, load_adapter  # noqa: E402
 from peftlab.catalog import get_recipe  # noqa: E402

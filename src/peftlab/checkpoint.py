@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,3 +281,71 @@ def restore(path: Path, accelerator, model: torch.nn.Module, optimizer, schedule
     if (path / "best.safetensors").is_file():
         state.best_weights = _load_tensors(path / "best.safetensors")
     return state
+
+
+# --- during training: periodic checkpoints and Ctrl-C ----------------------------------------
+
+class StopRequest:
+    """Turns the first Ctrl-C into a request to checkpoint and stop at the next step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+@dataclass
+class Checkpointer:
+    """Saves the loop's checkpoints: every ``every`` steps (None: only on Ctrl-C), and on a stop request.
+
+    ``clock`` gives the training time so far (saved with the state, so a resumed run counts on).
+    """
+
+    root: Path
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    config: RunConfig
+    spec: Any
+    every: int | None
+    keep: int
+    clock: Any  # () -> seconds
+    on_save: Any = None  # (step, path) -> None
+
+    def save(self, state: TrainingState) -> Path:
+        state.seconds = self.clock()
+        path = save(self.root, self.accelerator, self.model, self.optimizer, self.scheduler, state, self.config,
+                    self.keep, self.spec)
+        if self.on_save:
+            self.on_save(state.step, path)
+        return path
+
+    def after_step(self, state: TrainingState, total_steps: int, stop: StopRequest) -> None:
+        """A periodic checkpoint when one is due; on a stop request, a checkpoint and TrainingInterrupted."""
+        if stop.agreed(self.accelerator):
+            path = self.save(state)
+            raise TrainingInterrupted(f"interrupted at step {state.step} of {total_steps}; checkpoint saved in {path}",
+                                      "continue with the same command plus --resume")
+        if self.every and state.step % self.every == 0 and state.step < total_steps:
+            self.save(state)

@@ -219,6 +219,8 @@ def methods(
         out.print(f"trains: {info['trains']}")
         out.print(f"peft config: {info['peft_config']}; prompt learning: {info['prompt_learning']}; "
                   f"mergeable: {info['mergeable']}; tasks: {', '.join(info['tasks'])}")
+        out.print(f"default learning rate: {info['learning_rate']:g}" + "".join(
+            f"; {task}: {rate:g}" for task, rate in (info.get("task_learning_rates") or {}).items()))
         if spec.linear_only:
             out.print("layers: torch.nn.Linear only (not GPT-2-style Conv1D)")
         if info.get("architectures"):

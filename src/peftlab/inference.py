@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 
-from peftlab import placement
-from peftlab.artifacts import LoadedAdapter, from_run, load_adapter
+from peftlab import compat, placement
+from peftlab.adapters import LoadedAdapter, from_run, load_adapter
+from peftlab.rundir import RunRecord
 from pydantic import ValidationError
 
 from peftlab.config import DataConfig, GenerationConfig, apply_overrides, readable_error
@@ -45,10 +46,10 @@ def _with_overrides(raw: dict[str, Any], overrides: list[str] | None) -> DataCon
         raise ConfigError(f"invalid data options: {readable_error(error, DataConfig, 'data.')}") from None
 
 
-def input_limit(record: dict[str, Any], data: DataConfig, peft_config, model_config, tokenizer) -> int:
+def input_limit(record: RunRecord, data: DataConfig, peft_config, model_config, tokenizer) -> int:
     """Longest input in tokens: the run's max_length, or what the model takes less any virtual tokens."""
-    if "max_length" in record:
-        return min(data.max_length, record["max_length"])
+    if record.max_length is not None:
+        return min(data.max_length, record.max_length)
     reserved = getattr(peft_config, "num_virtual_tokens", 0) or 0
     return min(data.max_length, max_positions(model_config, tokenizer) - reserved)
 
@@ -95,27 +96,6 @@ def _loaded(source: Any) -> LoadedAdapter | None:
     return None
 
 
-@contextmanager
-def _adapter_off(model):
-    """The base model alone: peft's disable_adapter(), which for prompt-learning adapters fails on models
-    without generate() (classifiers) in peft 0.21; those run the base's own forward (no virtual tokens)
-    with their saved modules (the classification head) switched back to the original."""
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    if not model.active_peft_config.is_prompt_learning:
-        with model.disable_adapter():
-            yield model
-        return
-    wrappers = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-    for wrapper in wrappers:
-        wrapper.enable_adapters(False)
-    try:
-        yield model.get_base_model()
-    finally:
-        for wrapper in wrappers:
-            wrapper.enable_adapters(True)
-
-
 def logits(adapter: Any, texts: list[str], *, pairs: list[str] | None = None, max_length: int = 128,
            without_adapter: bool = False) -> torch.Tensor:
     """The model's raw output scores for ``texts`` (one forward pass, no generation), on the CPU.
@@ -140,7 +120,7 @@ def logits(adapter: Any, texts: list[str], *, pairs: list[str] | None = None, ma
         if start is None:
             start = tokenizer.pad_token_id
         inputs["decoder_input_ids"] = torch.full((len(texts), 1), int(start), dtype=torch.long, device=device)
-    with torch.no_grad(), (_adapter_off(model) if without_adapter else nullcontext(model)) as runner:
+    with torch.no_grad(), (compat.adapter_disabled(model) if without_adapter else nullcontext(model)) as runner:
         output = runner(**inputs)
     return output.logits.detach().float().cpu()
 

@@ -1,7 +1,7 @@
 """Merging an adapter into its base, and combining adapters into one.
 
 ``merge`` folds a weight adapter (LoRA and its variants, IA3, LoHa, LoKr, VeRA, OFT,
-AdaLoRA, LN tuning, BitFit: any technique whose peft model has ``merge_and_unload``) into
+AdaLoRA, LN tuning, BitFit: every technique the registry marks ``mergeable``) into
 the base weights and saves a plain transformers model:
 safetensors, config (for classification: the run's labels and the trained head) and
 tokenizer, loadable with ``AutoModelFor...from_pretrained`` and no peft at all.
@@ -14,7 +14,7 @@ normal adapter directory.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,15 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from peft import PeftModel
 from transformers.utils import logging as hf_logging
 
-from peftlab import artifacts, compat
+from peftlab import compat
+from peftlab.adapters import adapter_shapes, attach, load_adapter, read_adapter, read_peft_config
+from peftlab.artifacts import write_record
 from peftlab.errors import AdapterError, PeftlabError
+from peftlab.methods import METHODS, spec_for_peft_type
 from peftlab.progress import warn
+from peftlab.rundir import (MERGE_RECORD, RUN_CONFIG, check_output_dir, is_full_run, library_versions, read_run,
+                            staging_dir, weights_bytes, write_json)
 
-MERGE_RECORD = artifacts.MERGE_RECORD
 COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                 "dare_ties_svd", "magnitude_prune")
 
@@ -77,19 +80,27 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = No
     before anything is written (float32 bases: must agree to 1e-4).
     """
     out = Path(out_dir)
-    artifacts.check_output_dir(out, overwrite)
-    if artifacts.is_full_run(Path(adapter_dir)):
+    check_output_dir(out, overwrite)
+    if is_full_run(Path(adapter_dir)):
         raise AdapterError(f"{adapter_dir} is a full fine-tuning run: it is already a plain transformers model, "
                            "there is no adapter to fold in", "load it directly with AutoModelFor...from_pretrained "
                            "(or peftlab eval / predict)")
     # a QLoRA adapter merges into the unquantized base (merging into 4-bit weights would round the update away)
-    loaded = artifacts.load_adapter(adapter_dir, base=base, model_options={"quantization": "none"})
+    loaded = load_adapter(adapter_dir, base=base, model_options={"quantization": "none"})
     model, technique = loaded.model, _technique(loaded.model)
-    if loaded.model.active_peft_config.is_prompt_learning:
+    # the registry's flag decides (a plain-peft adapter: the technique of its peft type); for a peft type peftlab
+    # does not register, what peft offers
+    spec = METHODS.get(loaded.record.method or "") or spec_for_peft_type(model.active_peft_config.peft_type)
+    prompt_learning = spec.prompt_learning if spec else model.active_peft_config.is_prompt_learning
+    if prompt_learning and not (spec and spec.mergeable):
         raise AdapterError(f"{adapter_dir} is a {technique} adapter (prompt learning): it adds virtual tokens, not "
                            "weights, so there is nothing to fold into the base model",
                            "serve it as an adapter (peftlab predict), or train LoRA / IA3 to get a mergeable one")
-    if not hasattr(model.base_model, "merge_and_unload"):
+    if spec is not None and not spec.mergeable:
+        raise AdapterError(f"{adapter_dir} is a {spec.name} adapter ({technique}): {spec.title} is not mergeable "
+                           "(peftlab methods lists which techniques are)",
+                           "serve it as an adapter (peftlab predict), or train LoRA / IA3 to get a mergeable one")
+    if spec is None and not hasattr(model.base_model, "merge_and_unload"):
         raise AdapterError(f"peft cannot merge {technique} adapters into their base model")
     batch = _probe_inputs(loaded.tokenizer, model)
     expected = _logits(model, batch)
@@ -105,17 +116,17 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = No
         if next(merged.parameters()).dtype == torch.float32:
             raise PeftlabError(message + "; nothing was written", "please report this with the adapter's method")
         warn(message + f" (rounding of the {next(merged.parameters()).dtype} base weights)")
-    record = {"merged_from": str(Path(adapter_dir).resolve()), "method": loaded.record.get("method", technique),
+    record = {"merged_from": str(Path(adapter_dir).resolve()), "method": loaded.record.method or technique,
               "task": loaded.task.name, "base": loaded.model_config.name, "max_abs_diff": diff,
-              "versions": artifacts.library_versions()}
-    with artifacts.staging_dir(out, overwrite) as staging:
+              "versions": library_versions()}
+    with staging_dir(out, overwrite) as staging:
         hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar
         try:
             merged.save_pretrained(str(staging), safe_serialization=True)
         finally:
             hf_logging.enable_progress_bar()
         loaded.tokenizer.save_pretrained(str(staging))
-        artifacts.write_json(staging / MERGE_RECORD, record)
+        write_json(staging / MERGE_RECORD, record)
     return MergeResult(output_dir=out, method=record["method"], max_abs_diff=diff)
 
 
@@ -123,20 +134,15 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = No
 
 def _describe(path: Path) -> dict[str, Any]:
     """What must agree between adapters that are combined."""
-    config = artifacts._peft_config(path)
-    artifacts._adapter_shapes(path)  # a readable safetensors file
-    record = {}
-    if (path / artifacts.RUN_RECORD).is_file():
-        record = json.loads((path / artifacts.RUN_RECORD).read_text())
-    run = None
-    if (path / artifacts.RUN_CONFIG).is_file():
-        run = artifacts.build_config(yaml.safe_load((path / artifacts.RUN_CONFIG).read_text()))
+    config = read_peft_config(path)
+    adapter_shapes(path)  # a readable safetensors file
+    run, record = read_run(path)
     return {
         "base": run.model.name if run else config.base_model_name_or_path,
         "technique": str(getattr(config.peft_type, "value", config.peft_type)),
         "task": str(getattr(config.task_type, "value", config.task_type)),
-        "labels": (record.get("meta") or {}).get("labels"),
-        "signature": record.get("base"),
+        "labels": record.meta.get("labels"),
+        "signature": record.base,
         "modules_to_save": sorted(config.modules_to_save or []),
     }
 
@@ -159,11 +165,11 @@ def combine(adapter_dirs: Sequence[str | Path], out_dir: str | Path, *, weights:
         raise PeftlabError(f"{len(paths)} adapters but {len(weights)} weights", "give one weight per adapter")
     if combination not in COMBINATIONS:
         raise PeftlabError(f'unknown combination "{combination}"', f"known: {', '.join(COMBINATIONS)}")
-    artifacts.check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     for path in paths:
         if not path.is_dir():
             raise AdapterError(f"adapter directory not found: {path}")
-        if artifacts.is_full_run(path):
+        if is_full_run(path):
             raise AdapterError(f"{path} is a full fine-tuning run, not an adapter: it cannot be combined",
                                "combine LoRA or IA3 adapters")
     infos = [_describe(p) for p in paths]
@@ -185,17 +191,12 @@ def combine(adapter_dirs: Sequence[str | Path], out_dir: str | Path, *, weights:
                            "(modules_to_save, e.g. a classification head): peft cannot add such modules, so they "
                            "cannot be combined", "combine generative (seq2seq / causal-lm) LoRA or IA3 adapters")
 
-    loaded = artifacts.load_adapter(paths[0], base=base)
+    loaded = load_adapter(paths[0], base=base)
     model: PeftModel = loaded.model
     names = ["default"]
     for i, path in enumerate(paths[1:], start=1):
-        name = f"adapter_{i}"
-        try:
-            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise AdapterError(f"the adapter in {path} does not fit the base model {loaded.model_config.name}: "
-                               f"{str(error).splitlines()[0]}") from None
-        names.append(name)
+        names.append(f"adapter_{i}")
+        attach(model, read_adapter(path, base=base), names[-1])
     kwargs: dict[str, Any] = {}
     if first["technique"] == "LORA":
         kwargs["combination_type"] = combination
@@ -212,7 +213,7 @@ def combine(adapter_dirs: Sequence[str | Path], out_dir: str | Path, *, weights:
     for name in names:
         model.delete_adapter(name)
 
-    with artifacts.staging_dir(out, overwrite) as staging:
+    with staging_dir(out, overwrite) as staging:
         model.save_pretrained(str(staging / "_peft"), safe_serialization=True)
         saved = staging / "_peft" / "combined"  # peft saves a named adapter in its own folder
         for file in saved.iterdir():
@@ -220,9 +221,8 @@ def combine(adapter_dirs: Sequence[str | Path], out_dir: str | Path, *, weights:
         shutil.rmtree(staging / "_peft")
         loaded.tokenizer.save_pretrained(str(staging))
         if loaded.config is not None:  # peftlab's record: the first adapter's run, noted as a combination
-            shutil.copy(paths[0] / artifacts.RUN_CONFIG, staging / artifacts.RUN_CONFIG)
-            record = {**loaded.record, "combined_from": [str(p.resolve()) for p in paths], "weights": weights,
-                      "combination": combination,
-                      "adapter_bytes": (staging / artifacts.ADAPTER_WEIGHTS).stat().st_size}
-            artifacts.write_json(staging / artifacts.RUN_RECORD, record)
+            shutil.copy(paths[0] / RUN_CONFIG, staging / RUN_CONFIG)
+            write_record(staging, dataclasses.replace(
+                loaded.record, combined_from=[str(p.resolve()) for p in paths], weights=weights,
+                combination=combination, adapter_bytes=weights_bytes(staging)))
     return out

@@ -25,6 +25,7 @@ from typing import Any
 
 import peft
 import torch
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import constants as peft_tables
 
 from peftlab.errors import MethodError, did_you_mean
@@ -300,6 +301,20 @@ class MethodSpec:
     finalize: Callable[[Any], list[str]] | None = None
     # PiSSA / OLoRA change the base weights at init: save the update as a plain LoRA of the original base
     converts_on_save: bool = False
+    # the default learning rate: a comparison's rate for the technique when neither a per-method override nor the
+    # recipe sets one (docs/compare.md has the reasons for each); every registered technique has one
+    learning_rate: float = 0.0
+    # a task family that needs another default rate than learning_rate: {task: rate}
+    task_learning_rates: dict[str, float] = field(default_factory=dict)
+    # the test suite's tiny random models learn their keyword task within a few dozen steps only at rates above the
+    # defaults for real models, by a factor that differs per technique (0.3x-50x): the rate they train at
+    # (peftlab.testing.tiny_model_rate); None: learning_rate itself; per task family where that differs
+    test_learning_rate: float | None = None
+    test_task_learning_rates: dict[str, float] = field(default_factory=dict)
+
+    def learning_rate_for(self, task: str) -> float:
+        """The default learning rate for ``task`` (a family's own rate, else the technique's)."""
+        return self.task_learning_rates.get(task, self.learning_rate)
 
     def option_names(self) -> list[str]:
         if self.config_cls is None:
@@ -347,7 +362,7 @@ class MethodSpec:
         if self.needs_targets and not resolved.get("target_modules") and not (self.model_defaults and model is None):
             raise MethodError(
                 f'method "{self.name}" has no default target modules for architecture "{model_type}"',
-                f"set method.options.target_modules (e.g. the attention projections' names)",
+                "set method.options.target_modules (e.g. the attention projections' names)",
             )
         return resolved
 
@@ -415,8 +430,29 @@ PEFT_SAVES = {"SEQ_CLS": ("classifier", "score")}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    if not spec.learning_rate > 0:  # a new technique gets a deliberate default rate, not a silent fallback
+        raise ValueError(f'method "{spec.name}" needs a default learning_rate (docs/compare.md lists the rates)')
+    unknown = (set(spec.task_learning_rates) | set(spec.test_task_learning_rates)) - spec.tasks
+    if unknown:
+        raise ValueError(f'method "{spec.name}" sets learning rates for tasks it does not support: {sorted(unknown)}')
     METHODS[spec.name] = spec
     return spec
+
+
+def spec_for_peft_type(peft_type: Any) -> MethodSpec | None:
+    """The registered technique an adapter of this peft type (``LORA``, ``PREFIX_TUNING``, ...) was made with, for
+    plain-peft adapters that name no peftlab method; the first registered of those sharing the peft config class (LoRA
+    and its variants; prefix tuning and P-tuning v2), which agree on their capability flags. None: not registered."""
+    wanted = str(getattr(peft_type, "value", peft_type))
+    for spec in METHODS.values():
+        if spec.config_cls is not None and str(getattr(peft_type_of(spec.config_cls), "value", "")) == wanted:
+            return spec
+    return None
+
+
+def peft_type_of(config_cls: type[peft.PeftConfig]) -> Any:
+    """The peft type a peft config class builds (peft's own mapping, read backwards)."""
+    return next((kind for kind, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items() if cls is config_cls), None)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -450,13 +486,27 @@ def _compact(**fields: Any) -> MethodSpec:
 
 def _prompt(**fields: Any) -> MethodSpec:
     """A prompt-learning technique: virtual tokens; the model's own weights stay as they are, nothing to merge.
-    Their sizes are read off the model (input embedding width, or the attention's width for prefixes)."""
+    Their sizes are read off the model (input embedding width, or the attention's width for prefixes). On the tiny
+    generative test models (seq2seq, causal LM) they need 5e-2 to learn the label in 12 epochs."""
     return MethodSpec(**{"prompt_learning": True, "group": "prompt learning", "model_fallback": _prompt_dims,
-                         **fields})
+                         "test_task_learning_rates": {"seq2seq": 5e-2, "causal-lm": 5e-2}, **fields})
+
+
+# Default learning rates (learning_rate; docs/compare.md gives the source of each). Prompt techniques train few
+# parameters from scratch and need rates 10-100x those of weight adapters. The published recipes
+# (src/peftlab/recipes/) use LoRA 3e-4 and IA3 1e-3 on roberta-large over 12-20 epochs, IA3 8e-3 on mt0-large,
+# prefix tuning 1e-2 (3e-2 on bloomz-560m, a causal LM); comparisons run short step budgets, so the defaults sit at
+# the upper end of each range (LoRA 2e-3 is the quickstart's rate, P-tuning v2 3e-2 that of the MiniLM recipe).
+# LoRA variants: LoRA's rate, lower where the start is not zero (PiSSA / OLoRA begin at the principal components) or
+# B already learns 16x faster (LoRA+); AdaLoRA and the compact adapters a little higher; VeRA trains only scaling
+# vectors and needs ~10x LoRA's rate (Kopiczko et al. 2024); the selective techniques train few parameters, each
+# carrying a lot (rates as for IA3); full fine-tuning the usual BERT-family rate.
 
 
 register(_lora(
     name="lora",
+    learning_rate=2e-3,
+    test_learning_rate=1e-2,
     title="Low-rank adaptation",
     summary="LoRA: trainable low-rank updates added to chosen weight matrices (Hu et al. 2021).",
     when='the default: strong results at ~0.1-1% of the weights, merges away at no inference cost',
@@ -464,6 +514,8 @@ register(_lora(
 ))
 register(_compact(
     name="ia3",
+    learning_rate=8e-3,
+    test_learning_rate=5e-2,
     title="IA3 activation scaling",
     summary="IA3: learned vectors that rescale keys, values and feed-forward activations (Liu et al. 2022).",
     config_cls=peft.IA3Config,
@@ -474,6 +526,7 @@ register(_compact(
 ))
 register(_prompt(
     name="prefix",
+    learning_rate=1e-2,
     title="Prefix tuning (MLP-reparameterised)",
     summary="Prefix tuning: trainable key/value prefixes in every layer, reparameterised by an MLP "
             "during training (Li & Liang 2021).",
@@ -486,6 +539,7 @@ register(_prompt(
 ))
 register(_prompt(
     name="ptuning-v2",
+    learning_rate=3e-2,
     title="P-tuning v2 (deep prompts)",
     summary="P-tuning v2: deep prompts in every layer, trained directly without reparameterisation "
             "(Liu et al. 2021); prefix tuning as used for understanding tasks.",
@@ -498,6 +552,8 @@ register(_prompt(
 ))
 register(_prompt(
     name="prompt",
+    learning_rate=3e-2,
+    test_learning_rate=1e-2,
     title="Prompt tuning (soft prompt)",
     summary="Prompt tuning: trainable soft-prompt embeddings prepended to the input (Lester et al. 2021).",
     config_cls=peft.PromptTuningConfig,
@@ -507,6 +563,7 @@ register(_prompt(
 ))
 register(_prompt(
     name="ptuning",
+    learning_rate=1e-2,
     title="P-tuning (prompt encoder)",
     summary="P-tuning: virtual input tokens produced by a prompt encoder, MLP or LSTM (Liu et al. 2021).",
     config_cls=peft.PromptEncoderConfig,
@@ -528,6 +585,8 @@ def _loraplus_optimizer(model, lr: float, weight_decay: float, options: dict[str
 
 register(_lora(
     name="dora",
+    learning_rate=2e-3,
+    test_learning_rate=1e-2,
     title="DoRA (weight-decomposed LoRA)",
     summary="DoRA: LoRA on the direction of each weight plus a trained magnitude vector (Liu et al. 2024).",
     defaults={"use_dora": True},
@@ -536,6 +595,8 @@ register(_lora(
 ))
 register(_lora(
     name="rslora",
+    learning_rate=2e-3,
+    test_learning_rate=1e-2,
     title="rsLoRA (rank-stabilised LoRA)",
     summary="rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r, so higher ranks keep learning (Kalajdzievski "
             "2023).",
@@ -545,6 +606,8 @@ register(_lora(
 ))
 register(_lora(
     name="lora-plus",
+    learning_rate=1e-3,
+    test_learning_rate=5e-3,
     title="LoRA+ (larger learning rate for B)",
     summary="LoRA+: plain LoRA trained with a learning rate loraplus_lr_ratio times larger for the B matrices "
             "(Hayou et al. 2024; peft.optimizers.create_loraplus_optimizer).",
@@ -555,6 +618,8 @@ register(_lora(
 ))
 register(_lora(
     name="pissa",
+    learning_rate=1e-3,
+    test_learning_rate=1e-2,
     title="PiSSA initialisation",
     summary="PiSSA: LoRA initialised from the principal singular vectors of each weight, the rest kept as the frozen "
             "residual (Meng et al. 2024); saved as a plain LoRA of the original base.",
@@ -565,6 +630,8 @@ register(_lora(
 ))
 register(_lora(
     name="olora",
+    learning_rate=1e-3,
+    test_learning_rate=1e-2,
     title="OLoRA initialisation",
     summary="OLoRA: LoRA initialised by a QR decomposition of each weight (Büyükakyüz 2024); saved as a plain LoRA of "
             "the original base.",
@@ -625,6 +692,8 @@ def _adalora_set_state(model, tensors: dict[str, torch.Tensor], data: dict[str, 
 
 register(_adapter(
     name="adalora",
+    learning_rate=3e-3,
+    test_learning_rate=2e-2,
     title="AdaLoRA (adaptive rank budget)",
     summary="AdaLoRA: SVD-shaped LoRA whose rank budget moves during training to the layers that matter "
             "(Zhang et al. 2023); total_step follows the run's step budget.",
@@ -646,6 +715,8 @@ register(_adapter(
 
 register(_compact(
     name="loha",
+    learning_rate=3e-3,
+    test_learning_rate=2e-2,
     title="LoHa (low-rank Hadamard product)",
     summary="LoHa: the weight update as the Hadamard product of two low-rank products (Hyeon-Woo et al. 2022; "
             "LyCORIS).",
@@ -657,6 +728,8 @@ register(_compact(
 ))
 register(_compact(
     name="lokr",
+    learning_rate=5e-3,
+    test_learning_rate=5e-2,
     title="LoKr (low-rank Kronecker product)",
     summary="LoKr: the weight update as a Kronecker product of a small and a low-rank matrix (Edalati et al. 2022; "
             "LyCORIS).",
@@ -668,6 +741,8 @@ register(_compact(
 ))
 register(_compact(
     name="vera",
+    learning_rate=1e-2,
+    test_learning_rate=5e-2,
     title="VeRA (shared random projections)",
     summary="VeRA: one pair of frozen random low-rank matrices shared by all layers; only per-layer scaling vectors "
             "train (Kopiczko et al. 2024).",
@@ -678,6 +753,8 @@ register(_compact(
 ))
 register(_compact(
     name="oft",
+    learning_rate=3e-3,
+    test_learning_rate=1e-2,
     title="OFT (orthogonal fine-tuning)",
     summary="OFT: each weight is rotated by a trained block-diagonal orthogonal matrix, which keeps the angles "
             "between neurons (Qiu et al. 2023).",
@@ -693,6 +770,8 @@ register(_compact(
 
 register(_adapter(
     name="ln-tuning",
+    learning_rate=5e-3,
+    test_learning_rate=5e-2,
     title="LayerNorm tuning",
     summary="LN tuning: only the LayerNorm (RMSNorm) weights and biases train (Zhao et al. 2023; peft's "
             "LNTuningConfig).",
@@ -705,6 +784,8 @@ register(_adapter(
 ))
 register(_adapter(
     name="bitfit",
+    learning_rate=5e-3,
+    test_learning_rate=5e-2,
     title="BitFit (bias terms)",
     summary="BitFit: only bias terms train (Ben Zaken et al. 2022), here the biases of every linear layer that has "
             "one, as peft's BEFT adapter (a trained bias delta), so plain peft loads it.",
@@ -724,6 +805,8 @@ register(_adapter(
 
 register(MethodSpec(
     name="full",
+    learning_rate=2e-5,
+    test_learning_rate=1e-3,
     title="Full fine-tuning",
     summary="Full fine-tuning: every weight trains (same data, loop and evaluation); the run saves a plain "
             "transformers model, the reference row of every comparison.",
@@ -764,7 +847,10 @@ def describe(spec: MethodSpec, model_type: str | None = None) -> dict[str, Any]:
         "mergeable": spec.mergeable,
         "tasks": sorted(spec.tasks & set(_registered_tasks())),
         "options": spec.option_names(),
+        "learning_rate": spec.learning_rate,  # the default (peftlab compare's, when nothing sets one)
     }
+    if spec.task_learning_rates:
+        info["task_learning_rates"] = dict(spec.task_learning_rates)
     if model_type and spec.model_defaults:
         info["defaults"] = {**info["defaults"], "target_modules": "(read off the model)"}
     elif model_type and spec.config_cls is not None:

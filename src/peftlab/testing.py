@@ -211,6 +211,20 @@ def keyword_rows(n: int, seed: int = 0, pair: bool = False) -> list[dict[str, st
     return rows
 
 
+def tiny_model_rate(spec, task: str) -> float:
+    """The learning rate at which the tiny random models here learn the keyword task within the tests' step budgets.
+
+    Read from the method spec, the one table of rates (``peftlab.methods``): its ``test_learning_rate`` (the
+    family's own in ``test_task_learning_rates``), where a tiny model needs a faster rate than the default for real
+    models, else the default itself (``spec.learning_rate_for(task)``). ``spec``: a ``MethodSpec``.
+    """
+    if task in spec.test_task_learning_rates:
+        return spec.test_task_learning_rates[task]
+    if spec.test_learning_rate is not None:
+        return spec.test_learning_rate
+    return spec.learning_rate_for(task)
+
+
 def label_text_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """The keyword task with the label as the target text (seq2seq / causal LM)."""
     return [{"text": r["text"], "target": r["label"]} for r in keyword_rows(n, seed)]

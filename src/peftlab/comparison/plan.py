@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,47 +20,42 @@ from peftlab.recipe import build_config
 from peftlab.errors import ConfigError
 from peftlab.methods import METHODS, get_method
 
-# Learning rates for when neither the per-method overrides nor the config set one. Prompt
-# techniques train few parameters from scratch and need rates 10-100x those of weight
-# adapters. The published recipes (src/peftlab/recipes/) use LoRA 3e-4 and IA3 1e-3 on roberta-large over
-# 12-20 epochs, IA3 8e-3 on mt0-large, prefix tuning 1e-2 (3e-2 on bloomz-560m, a causal LM);
-# comparisons run short step budgets, so these sit at the upper end of each range (LoRA 2e-3
-# is the quickstart's rate, P-tuning v2 3e-2 that of the MiniLM recipe).
-DEFAULT_LEARNING_RATES = {
-    "lora": 2e-3,
-    "ia3": 8e-3,
-    "prefix": 1e-2,
-    "ptuning-v2": 3e-2,
-    "prompt": 3e-2,
-    "ptuning": 1e-2,
-    # LoRA variants: LoRA's rate, lower where the start is not zero (PiSSA / OLoRA begin at the principal
-    # components) or B already learns 16x faster (LoRA+); AdaLoRA and the compact adapters a little higher;
-    # VeRA trains only scaling vectors and needs ~10x LoRA's rate (Kopiczko et al. 2024)
-    "dora": 2e-3,
-    "rslora": 2e-3,
-    "lora-plus": 1e-3,
-    "pissa": 1e-3,
-    "olora": 1e-3,
-    "adalora": 3e-3,
-    "loha": 3e-3,
-    "lokr": 5e-3,
-    "vera": 1e-2,
-    "oft": 3e-3,
-    # selective: few parameters, each carrying a lot; rates as for IA3
-    "ln-tuning": 5e-3,
-    "bitfit": 5e-3,
-    "full": 2e-5,  # full fine-tuning: the usual BERT-family rate
-}
-FALLBACK_LEARNING_RATES = {"prompt": 1e-2, "weights": 1e-3}  # techniques not in the table
+
+# Learning rates for when neither the per-method overrides nor the config set one: the method spec carries them
+# (MethodSpec.learning_rate / task_learning_rates in methods.py; docs/compare.md gives the reasons).
+class _RegistryRates(Mapping[str, float]):
+    """Every registered technique's default learning rate, read from the registry (``MethodSpec.learning_rate``,
+    the rate for task families without one of their own): a live view, so a technique registered later is in it."""
+
+    def __getitem__(self, method: str) -> float:
+        return METHODS[method].learning_rate
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(METHODS))
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+DEFAULT_LEARNING_RATES: Mapping[str, float] = _RegistryRates()  # exported (peftlab.comparison)
 
 LR_KEY = "training.learning_rate"
 ALL_METHODS = "*"  # a per-method override for every method
 
 
-def default_learning_rate(method: str) -> float:
-    if method in DEFAULT_LEARNING_RATES:
-        return DEFAULT_LEARNING_RATES[method]
-    return FALLBACK_LEARNING_RATES["prompt" if get_method(method).prompt_learning else "weights"]
+def default_learning_rate(method: str, task: str | None = None) -> float:
+    """The technique's default rate (its task family's own where the spec has one)."""
+    spec = get_method(method)
+    return spec.learning_rate_for(task) if task else spec.learning_rate
+
+
+def default_learning_rates(task: str | None) -> dict[str, float]:
+    """Every registered technique's default rate for ``task`` (the run record's and the report's list; None: the
+    techniques' general rates)."""
+    return {name: spec.learning_rate_for(task) for name, spec in METHODS.items()}
 
 
 def sweep_factors(points: int) -> list[float]:
@@ -135,7 +131,7 @@ def _base_lr(config: RunConfig, method_config: RunConfig, overrides: list[str]) 
         return method_config.training.learning_rate, "override"
     if method_config.method.name == config.method.name and "learning_rate" in config.training.model_fields_set:
         return config.training.learning_rate, "config"
-    return default_learning_rate(method_config.method.name), "default"
+    return default_learning_rate(method_config.method.name, method_config.task), "default"
 
 
 def plan_runs(config: RunConfig, out_dir: Path, methods: list[str] | None = None, seeds: list[int] | None = None,

@@ -14,9 +14,8 @@ from string import Template
 from typing import Any
 
 from peftlab.comparison import plots
-from peftlab.comparison.plan import DEFAULT_LEARNING_RATES
+from peftlab.comparison.plan import default_learning_rates
 from peftlab.comparison.summary import Group, Summary, summarize
-from peftlab.methods import METHODS
 
 CSV_FIELDS = ["name", "method", "seed", "learning_rate", "lr_source", "lr_factor", "overrides", "status", "error",
               "task", "main_metric", "main_value", "trainable_params", "total_params", "trainable_share",
@@ -95,9 +94,9 @@ def notes(summary: Summary) -> list[str]:
 
     lines = ["learning rates: " + "; ".join(f"{LR_SOURCES[source]} for {methods(source)}"
                                             for source in LR_SOURCES if methods(source))]
-    lines.append("peftlab's default learning rates: "
-                 + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items()
-                             if method in METHODS))  # not rates reserved for techniques still to come
+    task = next((row["task"] for g in summary.groups for row in g.rows if row.get("task")), None)
+    lines.append("peftlab's default learning rates: "  # from the registry (MethodSpec.learning_rate)
+                 + ", ".join(f"{method} {lr:g}" for method, lr in default_learning_rates(task).items()))
     if summary.sweep:
         lines.append("★ the best learning rate of each method" + (" (lowest)" if summary.lower_is_better else ""))
     overrides = {g.method: g.rows[0]["overrides"] for g in summary.groups if g.rows[0]["overrides"]}

@@ -23,7 +23,7 @@ from peftlab import artifacts
 from peftlab.checkpoint import TrainingInterrupted
 from peftlab.comparison.display import CompareProgress
 from peftlab.comparison.measure import PeakMemory, StepRecorder, release_memory
-from peftlab.comparison.plan import DEFAULT_LEARNING_RATES, PlannedRun, plan_runs
+from peftlab.comparison.plan import PlannedRun, default_learning_rates, plan_runs
 from peftlab.comparison.report import write_reports
 from peftlab.config import RunConfig
 from peftlab.train import train
@@ -148,7 +148,8 @@ def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[
     rows: dict[str, dict[str, Any]] = {}
     ran, skipped = [], []
     header = {"base_config": config.to_dict(), "device": device_name(), "lr_sweep": lr_sweep,
-              "seeds": sorted({run.seed for run in runs}), "default_learning_rates": DEFAULT_LEARNING_RATES}
+              "seeds": sorted({run.seed for run in runs}),
+              "default_learning_rates": default_learning_rates(config.task)}
 
     def save() -> list[dict[str, Any]]:
         ordered = [rows[run.name] for run in runs if run.name in rows]

@@ -15,7 +15,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -137,14 +137,14 @@ class Server:
             known = ", ".join(self.registry.names())
             raise APIError(404, f'the model "{name}" does not exist; served: {known}', param="model",
                            code="model_not_found")
-        task = adapter.task.name
-        if family == "classify" and task != "seq-cls":
-            raise APIError(400, f'"{name}" is a {task} model: use /v1/completions', param="model")
-        if family != "classify" and task == "seq-cls":
+        task = adapter.task  # what it answers is declared by its family (tasks.base.ServingTask)
+        if family == "classify" and not task.classifies:
+            raise APIError(400, f'"{name}" is a {task.name} model: use /v1/completions', param="model")
+        if family != "classify" and not task.generates:
             raise APIError(400, f'"{name}" is a classification model: use /v1/classify', param="model")
-        if family == "chat" and task != "causal-lm":
-            raise APIError(400, f'"{name}" is a {task} model: chat completions need a causal LM; use /v1/completions',
-                           param="model")
+        if family == "chat" and not task.chat:
+            raise APIError(400, f'"{name}" is a {task.name} model: chat completions need a causal LM; use '
+                                "/v1/completions", param="model")
         if family == "classify" and adapter.group is None:
             raise APIError(400, "the bare base has no trained classification head; name an adapter", param="model")
         return adapter

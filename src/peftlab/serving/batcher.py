@@ -29,6 +29,7 @@ from peftlab.config import GenerationConfig
 from peftlab.serving.metrics import Metrics
 from peftlab.serving.registry import BASE, AdapterNotFound, Registry, ServedAdapter
 from peftlab.tasks import generation as gen
+from peftlab.tasks.base import Classifier
 
 
 class QueueFull(Exception):
@@ -196,7 +197,7 @@ class Batcher:
     def _classify(self, chunk: list[tuple[Job, int]]) -> None:
         adapters = [job.adapter for job, _ in chunk]
         model, names = self._model_for(adapters)
-        task = adapters[0].task
+        task: Classifier = adapters[0].task  # a family that classifies (checked by api.Server.adapter)
         extra = {"adapter_names": names} if names else {}
         logits = task.logits(model, adapters[0].tokenizer, [job.items[i] for job, i in chunk], **extra)
         self.metrics.forward(len(chunk), {a.name for a in adapters})

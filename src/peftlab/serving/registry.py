@@ -17,7 +17,6 @@ starts), never beside a forward pass.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from peftlab import compat
-from peftlab.artifacts import AdapterSource, check_loaded, load_tokenizer_of, read_adapter
+from peftlab.adapters import AdapterSource, attach, detach, load_tokenizer_of, read_adapter
+from peftlab.rundir import RunRecord
 from peftlab.config import DataConfig, GenerationConfig, ModelConfig
 from peftlab.errors import AdapterError, ConfigError, PeftlabError
 from peftlab.inference import data_config, input_limit
@@ -87,8 +86,8 @@ class ServedAdapter:
     def describe(self) -> dict[str, Any]:
         info = {"task": self.source.task.name, "method": self.method, "path": str(self.path) if self.group else None,
                 "mixed_batches": self.mixable}
-        if self.source.task.name == "seq-cls" and self.group is not None:  # the bare base has no trained head
-            info["labels"] = list(self.meta["labels"])
+        if self.source.task.classifies and self.group is not None:  # the bare base has no trained head
+            info["labels"] = self.source.task.labels(self.meta)
             info["text_pair"] = bool(self.data.text_pair_column)
         return info
 
@@ -118,8 +117,7 @@ class Registry:
         self.device = device
         self.mixed_batches = mixed_batches
         self.tokenizer = load_tokenizer(self.model_config)
-        base_meta = {"regression": False, "labels": ["LABEL_0", "LABEL_1"], "label_kind": "index"} \
-            if self.task.name == "seq-cls" else {"mode": "text"}
+        base_meta = self.task.meta_for_base()
         self.base_model = self._load_base(base_meta)
         self.encoder_decoder = bool(getattr(self.base_model.config, "is_encoder_decoder", False))
         self.groups: list[Group] = []
@@ -128,7 +126,7 @@ class Registry:
         self.base = ServedAdapter(
             name="base", path=Path(base), tokenizer=self.tokenizer, data=data,
             source=AdapterSource(path=Path(base), peft_config=None, shapes={}, task=self.task, meta=base_meta,
-                                 config=None, model_config=self.model_config, record={}),
+                                 config=None, model_config=self.model_config, record=RunRecord()),
             max_length=min(data.max_length, max_positions(self.base_model.config, self.tokenizer)),
             decoding=GenerationConfig(), group=None, method="none")
 
@@ -182,7 +180,7 @@ class Registry:
         if source.task.name != self.task.name:
             raise AdapterError(f'{path} is a {source.task.name} adapter; this server serves {self.task.name}',
                                "serve each task family with its own server")
-        vocab = (source.record.get("base") or {}).get("vocab_size")
+        vocab = (source.record.base or {}).get("vocab_size")
         if vocab is not None and vocab != embedding_rows(self.base_model):
             raise AdapterError(f"{path} was trained with added tokens ({vocab} embedding rows; the base has "
                                f"{embedding_rows(self.base_model)})",
@@ -195,32 +193,14 @@ class Registry:
         peft_config = source.peft_config
         group = self._group_for(source)
         created = group is None
-        try:
-            if created:
-                group_base = self.task.load_model(self.model_config, source.meta)
-                _share_weights(group_base, self.base_model)
-                model = PeftModel.from_pretrained(group_base, str(path), adapter_name=name, is_trainable=False,
-                                                  config=peft_config)
-                group = Group(key=self._key(source), model=model, prompt_learning=peft_config.is_prompt_learning)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    group.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as error:
-            if not created:
-                self._drop_from_model(group, name)
-            problem = f"no match for tensor {error.args[0]}" if isinstance(error, KeyError) else \
-                str(error).splitlines()[0]
-            raise AdapterError(f"the adapter in {path} does not fit the base model {self.model_config.name}: "
-                               f"{problem}", "it was made for a different base model") from None
-        try:
-            check_loaded(group.model, source.shapes, path, self.model_config.name, adapter_name=name)
-        except AdapterError:
-            if not created:
-                self._drop_from_model(group, name)
-            raise
+        if created:  # a new PeftModel over a module tree that shares the base's weights
+            group_base = self.task.load_model(self.model_config, source.meta)
+            _share_weights(group_base, self.base_model)
+            group = Group(key=self._key(source), model=attach(group_base, source, name),
+                          prompt_learning=peft_config.is_prompt_learning)
+        else:
+            attach(group.model, source, name)
         group.model.set_adapter(name)
-        compat.apply_fixes(group.model)
         if self.device:
             group.model.to(self.device)
         group.model.eval()
@@ -248,22 +228,10 @@ class Registry:
         if not group.adapters:
             self.groups.remove(group)  # its module tree goes; the shared base weights stay
         else:
-            self._drop_from_model(group, name)
-
-    @staticmethod
-    def _drop_from_model(group: Group, name: str) -> None:
-        if name not in group.model.peft_config:
-            return
-        if group.model.active_adapter == name:
-            others = [n for n in group.model.peft_config if n != name]
-            if others:
-                group.model.set_adapter(others[0])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            group.model.delete_adapter(name)
+            detach(group.model, name)
 
     def _key(self, source: AdapterSource) -> tuple:
-        head = len(source.meta["labels"]) if self.task.name == "seq-cls" else None
+        head = len(self.task.labels(source.meta)) if self.task.classifies else None  # one head shape per model
         return (str(source.peft_config.peft_type), head)
 
     def _group_for(self, source: AdapterSource) -> Group | None:

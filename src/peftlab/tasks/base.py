@@ -1,13 +1,15 @@
-"""The small interface every task family implements.
+"""The interface every task family implements.
 
-The training loop, evaluation, artifacts and serving only talk to a task through this
-protocol; a task family never knows which PEFT method is in use.
+The training loop, evaluation, artifacts and serving only talk to a task through these
+protocols (:class:`Task` for training, evaluation and inference; :class:`ServingTask` and its
+capability protocols for ``peftlab serve``) and never branch on a family's name; a task family
+never knows which PEFT method is in use. Each family keeps its ``meta`` typed (:class:`TaskMeta`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, Self, Union, runtime_checkable
 
 import datasets
 import torch
@@ -21,45 +23,147 @@ from peftlab.placement import input_device
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse"})
 
 
-class Task(Protocol):
-    name: str
-    peft_task_type: str  # peft's TaskType value
+# --- typed meta ------------------------------------------------------------------------------
 
-    def main_metric(self, meta: dict[str, Any]) -> str:
-        """The metric that picks the best evaluation (higher is better)."""
+class TaskMeta(Protocol):
+    """A family's typed ``meta``: what it learns from the data (labels, data mode) and saves with the adapter.
+
+    On disk (``peftlab.json`` "meta") and between the pipeline's steps ``meta`` travels in its dict
+    form, the JSON the run record has always held; a family converts at its boundary: every task method
+    below accepts the dict or the typed value (``MetaType.of(meta)``), and ``inspect``,
+    ``meta_from_adapter`` and ``meta_for_base`` return ``to_dict()``, so old runs load and new runs
+    write the same keys.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able dict of the run record (the keys earlier peftlab versions wrote, in their order)."""
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        """Read the dict form; missing optional keys take their defaults, unknown keys are ignored."""
+
+    @classmethod
+    def of(cls, meta: Mapping[str, Any] | Self) -> Self:
+        """The typed meta of a dict or of a typed value (returned as it is)."""
+
+
+Meta = Union[Mapping[str, Any], TaskMeta]  # what task methods accept as ``meta``
+
+
+# --- what training, evaluation and inference need ------------------------------------------
+
+@runtime_checkable
+class Task(Protocol):
+    """A task family, as the training loop, evaluation, prediction and the run directory use it.
+
+    The caller never branches on the family: what differs between families is a member here (or a
+    capability of :class:`ServingTask`), never a comparison with ``name``.
+    """
+
+    name: str  # the family's name in configs and the run record ("seq-cls")
+    peft_task_type: str  # peft's TaskType value (recognises adapters made with plain peft)
+    meta_type: type[TaskMeta]  # the family's typed meta (ClassificationMeta, GenerationMeta)
+    packs: bool  # training batches can be packed into one row without padding (fastpath.packing)
+
+    def main_metric(self, meta: Meta) -> str:
+        """The metric that picks the best evaluation (higher is better unless in ``LOWER_IS_BETTER``)."""
 
     def check_model(self, config: PretrainedConfig, model_name: str) -> None:
         """Raise a ConfigError if the architecture does not fit this task family."""
 
     def inspect(self, splits: dict[str, datasets.Dataset], data: DataConfig) -> dict[str, Any]:
-        """Validate the raw data against the config; return JSON-able ``meta`` (e.g. labels).
+        """Validate the raw data against the config; return ``meta`` in its dict form (``meta_type(...).to_dict()``).
 
         ``meta`` is saved with the adapter so the task can rebuild the model and decode
         outputs after a reload.
         """
 
     def encode(self, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, data: DataConfig,
-               meta: dict[str, Any], max_length: int, where: str) -> datasets.Dataset:
+               meta: Meta, max_length: int, where: str) -> datasets.Dataset:
         """Raw rows -> training features (token ids, labels)."""
 
-    def load_model(self, model: ModelConfig, meta: dict[str, Any]) -> PreTrainedModel:
+    def load_model(self, model: ModelConfig, meta: Meta) -> PreTrainedModel:
         """The base model for this task, heads sized from ``meta``."""
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batches encoded rows (dynamic padding)."""
 
+    def packed_collator(self, tokenizer: PreTrainedTokenizerBase | None) -> Callable[[list[dict]], dict] | None:
+        """Batches encoded rows as one row without padding (position ids restart per row); ``None`` unless ``packs``."""
+
     def evaluate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, raw: datasets.Dataset,
-                 encoded: datasets.Dataset, data: DataConfig, meta: dict[str, Any], max_length: int,
+                 encoded: datasets.Dataset, data: DataConfig, meta: Meta, max_length: int,
                  batch_size: int) -> dict[str, float]:
         """Metrics on a split (``raw`` rows and their ``encoded`` features); has ``main_metric(meta)``."""
 
     def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
-                data: DataConfig, meta: dict[str, Any], max_length: int, batch_size: int,
-                generation: GenerationConfig) -> list[dict[str, Any]]:
+                data: DataConfig, meta: Meta, max_length: int, batch_size: int,
+                generation: GenerationConfig | None) -> list[dict[str, Any]]:
         """One output record per raw row."""
 
     def meta_from_adapter(self, tensors: dict[str, tuple[int, ...]], base_config: Any) -> dict[str, Any]:
-        """Rebuild ``meta`` for an adapter made by plain peft (no peftlab record)."""
+        """Rebuild ``meta`` (dict form) for an adapter made by plain peft (no peftlab record)."""
+
+
+# --- what serving needs ------------------------------------------------------------------------
+
+@runtime_checkable
+class ServingTask(Task, Protocol):
+    """A task family as ``peftlab serve`` uses it: what it can answer, and the bare base's meta.
+
+    The capability flags say which endpoints a family answers and which of the protocols below it
+    implements as well: ``classifies`` -> :class:`Classifier` (``/v1/classify``), ``generates`` ->
+    :class:`Generator` (``/v1/completions``), ``chat`` (implies ``generates``) -> :class:`ChatGenerator`
+    (``/v1/chat/completions``). A member of a protocol whose flag is off may be absent.
+    """
+
+    classifies: bool  # scores texts (or text pairs) against labels: one forward pass, no generation
+    generates: bool  # generates text from a prompt
+    chat: bool  # renders chat messages into a prompt (the tokenizer's chat template)
+
+    def meta_for_base(self) -> dict[str, Any]:
+        """``meta`` (dict form) for serving the bare base without an adapter: what its model is loaded with."""
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """Serving's side of a family that ``classifies``: encode, one padded forward pass, one record per row."""
+
+    def labels(self, meta: Meta) -> list[str]:
+        """The names of the head's outputs (one per output; a regression's single score: its label column)."""
+
+    def encode_rows(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None,
+                    max_length: int | None) -> list[dict[str, list[int]]]:
+        """Texts (and pairs) -> token ids per row, cut at ``max_length`` (``None``: not cut)."""
+
+    def logits(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, features: list[dict],
+               **forward_kwargs: Any) -> torch.Tensor:
+        """One padded forward pass over encoded rows, on the CPU; ``forward_kwargs`` e.g. peft's ``adapter_names``."""
+
+    def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: Meta,
+               probabilities: bool = False) -> dict[str, Any]:
+        """One prediction from a row's logits (label and score, or a regression score), as ``predict`` gives it."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Serving's side of a family that ``generates``: prompts as ``predict`` builds them (generation: tasks.generation)."""
+
+    def prompts(self, rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, data: DataConfig,
+                max_length: int | None) -> tuple[list[str], list[list[int]]]:
+        """Raw rows -> prompt texts and their token ids (cut at ``max_length``; ``None``: not cut)."""
+
+    def prompt_ids(self, texts: list[str], tokenizer: PreTrainedTokenizerBase,
+                   max_length: int | None) -> list[list[int]]:
+        """Prompt texts as they are (no template; e.g. a rendered chat) -> token ids, as ``prompts`` makes them."""
+
+
+@runtime_checkable
+class ChatGenerator(Generator, Protocol):
+    """Serving's side of a family with ``chat``."""
+
+    def chat_text(self, history: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
+        """A conversation (``[{role, content}, ...]``) rendered as the prompt text of the assistant's next turn."""
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -13,6 +13,7 @@ Three data modes, chosen by the data config:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import datasets
@@ -23,7 +24,8 @@ from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base
 from peftlab.progress import warn
 from peftlab.tasks import generation as gen
-from peftlab.tasks.base import mean_loss
+from peftlab.tasks.base import Meta, mean_loss
+from peftlab.tasks.generation import GenerationMeta
 
 
 def _mode(data) -> str:
@@ -32,9 +34,10 @@ def _mode(data) -> str:
     return "completion" if data.target_column else "text"
 
 
-def _with_mode(meta: dict[str, Any], data) -> dict[str, Any]:
+def _with_mode(meta: Meta, data) -> GenerationMeta:
     """``meta`` with its data mode; an adapter made by plain peft has none (``None``): the data options decide."""
-    return meta if meta.get("mode") else {**meta, "mode": _mode(data)}
+    meta = GenerationMeta.of(meta)
+    return meta if meta.mode else replace(meta, mode=_mode(data))
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -47,8 +50,11 @@ class CausalLM:
 
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
+    meta_type = GenerationMeta
+    packs = True  # plain text, completion and chat rows alike (fastpath.packing decides per run)
+    classifies, generates, chat = False, True, True
 
-    def main_metric(self, meta: dict[str, Any]) -> str:
+    def main_metric(self, meta: Meta) -> str:
         return gen.main_metric(meta)
 
     def check_model(self, config, model_name: str) -> None:
@@ -60,7 +66,7 @@ class CausalLM:
 
     def inspect(self, splits, data):
         mode = _mode(data)
-        meta: dict[str, Any] = {"mode": mode, "label_like": False, "targets": []}
+        meta = GenerationMeta(mode=mode)
         for split in ("train", "eval"):
             where = f"the {split} split"
             if mode == "chat":
@@ -73,8 +79,8 @@ class CausalLM:
                 require_columns(splits[split], {"text_column": data.text_column}, where)
                 continue
             if split == "train":
-                meta.update(gen.target_meta(targets))
-        return meta
+                meta = GenerationMeta(mode=mode, **gen.target_meta(targets))
+        return meta.to_dict()
 
     @staticmethod
     def _split_chat(messages, where: str) -> tuple[list[dict], str]:
@@ -122,16 +128,16 @@ class CausalLM:
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
         meta = _with_mode(meta, data)
         dataset = gen.labels_as_text(dataset, data)
-        if meta["mode"] == "text":
+        if meta.mode == "text":
             return self._encode_text(dataset, tokenizer, data, max_length, where)
         rows = list(dataset)
         prompts = [self._prompt(r, data, tokenizer) for r in rows]
-        if meta["mode"] == "chat":
+        if meta.mode == "chat":
             targets = [self._split_chat(r[data.messages_column], where)[1] for r in rows]
         else:
             require_columns(dataset, {"target_column": data.target_column}, where)
             targets = [str(r[data.target_column]) for r in rows]
-        completions = tokenizer([" " + t if meta["mode"] == "completion" and not p.endswith((" ", "\n")) else t
+        completions = tokenizer([" " + t if meta.mode == "completion" and not p.endswith((" ", "\n")) else t
                                  for p, t in zip(prompts, targets)], add_special_tokens=False)["input_ids"]
         long_targets = sum(len(c) > data.target_max_length for c in completions)
         if long_targets:
@@ -165,7 +171,7 @@ class CausalLM:
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
-    def packed_collator(self, tokenizer):
+    def packed_collator(self, tokenizer) -> _PackedCollator:
         """A batch's rows as one row without padding; position ids restart per row (fastpath.packing)."""
         return _PackedCollator()
 
@@ -182,17 +188,17 @@ class CausalLM:
         meta = _with_mode(meta, data)
         loss = mean_loss(model, encoded, self.collator(tokenizer), batch_size)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": float(len(raw))}
-        if meta["mode"] == "text":
+        if meta.mode == "text":
             return metrics
         rows = list(gen.labels_as_text(raw, data))
-        if meta["mode"] == "chat":
+        if meta.mode == "chat":
             references = [self._split_chat(r[data.messages_column], "the evaluation data")[1] for r in rows]
         else:
             references = gen.check_targets(raw, data, "the evaluation data")
         prompts = self._prompt_ids([self._prompt(r, data, tokenizer) for r in rows], tokenizer, max_length)
         kwargs = gen.generation_kwargs(None, data.target_max_length, tokenizer)
         predictions = gen.generate(model, tokenizer, prompts, batch_size, kwargs, decoder_only=True)
-        return {**metrics, **gen.text_metrics(predictions, references, meta.get("label_like", False))}
+        return {**metrics, **gen.text_metrics(predictions, references, meta.label_like)}
 
     def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
         texts, ids = self.prompts(rows, tokenizer, data, max_length)
@@ -204,7 +210,10 @@ class CausalLM:
         # no mode: eval / predict take it from the data options (--set data.target_column=... / prompt_template /
         # messages_column: completion or chat, scored by generation; none of them: plain text, perplexity), as
         # seq2seq takes its columns from them
-        return {"mode": None, "label_like": False, "targets": []}
+        return GenerationMeta(mode=None).to_dict()
+
+    def meta_for_base(self) -> dict[str, Any]:
+        return GenerationMeta(mode="text").to_dict()
 
 
 class _PackedCollator:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -13,10 +15,35 @@ from peftlab import compat
 from peftlab.config import DataConfig, GenerationConfig
 from peftlab.data import require_columns
 from peftlab.errors import ConfigError, DataError
-from peftlab.tasks.base import model_device
+from peftlab.tasks.base import Meta, model_device
 
 LABEL_LIKE_MAX_DISTINCT = 32
 LABEL_LIKE_MAX_WORDS = 4
+
+
+# --- meta ------------------------------------------------------------------------------
+
+@dataclass
+class GenerationMeta:
+    """What a generative family learns from its data (``peftlab.json`` "meta" holds ``to_dict()``)."""
+
+    # "seq2seq"; causal LM: "completion" | "chat" | "text"; None: a plain-peft causal-LM adapter (the data
+    # options decide at evaluation / prediction)
+    mode: str | None = None
+    label_like: bool = False  # targets are a small set of short strings: scored by exact match (accuracy)
+    targets: list[str] = field(default_factory=list)  # those strings (label-like targets only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "label_like": self.label_like, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> GenerationMeta:
+        return cls(mode=raw.get("mode"), label_like=bool(raw.get("label_like", False)),
+                   targets=list(raw.get("targets") or []))
+
+    @classmethod
+    def of(cls, meta: Meta) -> GenerationMeta:
+        return meta if isinstance(meta, cls) else cls.from_dict(meta)
 
 
 # --- prompts ---------------------------------------------------------------------------
@@ -82,10 +109,11 @@ def target_meta(targets: list[str]) -> dict[str, Any]:
     return {"label_like": label_like, "targets": distinct if label_like else []}
 
 
-def main_metric(meta: dict[str, Any]) -> str:
-    if meta.get("mode") == "text":
+def main_metric(meta: Meta) -> str:
+    meta = GenerationMeta.of(meta)
+    if meta.mode == "text":
         return "perplexity"
-    return "accuracy" if meta.get("label_like") else "rougeL"
+    return "accuracy" if meta.label_like else "rougeL"
 
 
 # --- generation ------------------------------------------------------------------------
@@ -136,7 +164,7 @@ def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[lis
     eos = tokenizer.eos_token_id
     outputs: list[list[int] | None] = [None] * len(prompts)
     try:
-        for rows in _batches(prompts, batch_size, equal_lengths=decoder_only and _drops_position_ids(model)):
+        for rows in _batches(prompts, batch_size, equal_lengths=decoder_only and compat.prompt_positions_dropped(model)):
             batch = tokenizer.pad({"input_ids": [prompts[i] for i in rows]}, return_tensors="pt").to(device)
             extra = compat.generation_overrides(model)
             if stop:
@@ -160,18 +188,6 @@ def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[lis
     finally:
         tokenizer.padding_side = side
     return outputs
-
-
-def _drops_position_ids(model) -> bool:
-    """Prompt tuning / P-tuning (virtual token embeddings before the input): peft drops their position ids.
-
-    Prefix tuning / P-tuning v2 keep them (peft offsets them by the prefix length), and a left-padded
-    row is generated as it is alone (tests/test_generative.py), as with weight adapters."""
-    from peft.utils import PeftType
-
-    config = getattr(model, "active_peft_config", None)
-    return bool(config is not None and config.is_prompt_learning
-                and config.peft_type not in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE))
 
 
 def _batches(prompts: list[list[int]], batch_size: int, equal_lengths: bool) -> list[list[int]]:

@@ -11,7 +11,8 @@ from peftlab.errors import ConfigError
 from peftlab.model import load_base
 from peftlab.progress import warn
 from peftlab.tasks import generation as gen
-from peftlab.tasks.base import mean_loss
+from peftlab.tasks.base import Meta, mean_loss
+from peftlab.tasks.generation import GenerationMeta
 
 
 class Seq2Seq:
@@ -19,8 +20,11 @@ class Seq2Seq:
 
     name = "seq2seq"
     peft_task_type = "SEQ_2_SEQ_LM"
+    meta_type = GenerationMeta
+    packs = False
+    classifies, generates, chat = False, True, False
 
-    def main_metric(self, meta: dict[str, Any]) -> str:
+    def main_metric(self, meta: Meta) -> str:
         return gen.main_metric(meta)
 
     def check_model(self, config, model_name: str) -> None:
@@ -34,8 +38,8 @@ class Seq2Seq:
             gen.check_prompt_columns(splits[split], data, f"the {split} split")
             targets = gen.check_targets(splits[split], data, f"the {split} split")
             if split == "train":
-                meta = gen.target_meta(targets)
-        return {"mode": "seq2seq", **meta}
+                meta = GenerationMeta(mode="seq2seq", **gen.target_meta(targets))
+        return meta.to_dict()
 
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
         dataset = gen.labels_as_text(dataset, data)
@@ -65,6 +69,9 @@ class Seq2Seq:
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
+    def packed_collator(self, tokenizer) -> None:
+        return None  # packing (fastpath) is for decoder-only rows
+
     def load_model(self, model, meta):
         return load_base(model, AutoModelForSeq2SeqLM)
 
@@ -75,7 +82,7 @@ class Seq2Seq:
         predictions = gen.generate(model, tokenizer, list(encoded["input_ids"]), batch_size, kwargs,
                                    decoder_only=False)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "samples": float(len(references)),
-                **gen.text_metrics(predictions, references, meta.get("label_like", False))}
+                **gen.text_metrics(predictions, references, GenerationMeta.of(meta).label_like)}
 
     def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
         sources, prompts = self.prompts(rows, tokenizer, data, max_length)
@@ -94,4 +101,7 @@ class Seq2Seq:
         return tokenizer(texts, max_length=max_length, truncation=True)["input_ids"]
 
     def meta_from_adapter(self, tensors, base_config):
-        return {"mode": "seq2seq", "label_like": False, "targets": []}
+        return GenerationMeta(mode="seq2seq").to_dict()
+
+    def meta_for_base(self) -> dict[str, Any]:
+        return GenerationMeta(mode="seq2seq").to_dict()

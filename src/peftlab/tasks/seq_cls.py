@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -17,7 +18,7 @@ from peftlab.config import DataConfig, ModelConfig
 from peftlab.data import require_columns, require_text
 from peftlab.errors import DataError
 from peftlab.model import load_base
-from peftlab.tasks.base import model_device
+from peftlab.tasks.base import Meta, model_device
 from peftlab.progress import warn
 
 _HEAD_NAMES = ("classifier", "score")
@@ -28,14 +29,41 @@ def _examples(values: Iterable[Any], limit: int = 3) -> str:
     return ", ".join(shown[:limit]) + (" ..." if len(shown) > limit else "")
 
 
+@dataclass
+class ClassificationMeta:
+    """What a classifier learns from its data: its labels (``peftlab.json`` "meta" holds ``to_dict()``)."""
+
+    regression: bool = False  # one score per row instead of a label
+    labels: list[str] = field(default_factory=list)  # the head's outputs in order (regression: the label column)
+    label_kind: str | None = None  # the data's labels: "index" (0..N-1) or "name"; None: a regression run's record
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"regression": self.regression, "labels": list(self.labels)}
+        if self.label_kind is not None:
+            out["label_kind"] = self.label_kind
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ClassificationMeta:
+        return cls(regression=bool(raw.get("regression", False)), labels=list(raw.get("labels") or []),
+                   label_kind=raw.get("label_kind"))
+
+    @classmethod
+    def of(cls, meta: Meta) -> ClassificationMeta:
+        return meta if isinstance(meta, cls) else cls.from_dict(meta)
+
+
 class SequenceClassification:
     """single texts or text pairs -> one of N labels (or a number), scored by accuracy, F1, MCC"""
 
     name = "seq-cls"
     peft_task_type = "SEQ_CLS"
+    meta_type = ClassificationMeta
+    packs = False
+    classifies, generates, chat = True, False, False
 
-    def main_metric(self, meta: dict[str, Any]) -> str:
-        return "pearson" if meta.get("regression") else "accuracy"
+    def main_metric(self, meta: Meta) -> str:
+        return "pearson" if ClassificationMeta.of(meta).regression else "accuracy"
 
     def check_model(self, config, model_name: str) -> None:
         return None  # every architecture with a sequence-classification class fits
@@ -55,7 +83,7 @@ class SequenceClassification:
                 bad = [v for v in splits[split][data.label_column] if not isinstance(v, (int, float))]
                 if bad:
                     raise DataError(f"regression labels must be numbers; the {split} split has {_examples(bad)}")
-            return {"regression": True, "labels": [data.label_column]}
+            return ClassificationMeta(regression=True, labels=[data.label_column]).to_dict()
 
         feature = splits["train"].features.get(data.label_column)
         if data.labels:
@@ -74,7 +102,7 @@ class SequenceClassification:
             if len(labels) < 2:
                 raise DataError(f'the label column "{data.label_column}" has a single value ({labels[0]!r})',
                                 "classification needs at least two labels")
-        meta = {"regression": False, "labels": labels, "label_kind": kind}
+        meta = ClassificationMeta(regression=False, labels=labels, label_kind=kind)
         for split in ("train", "eval"):
             outside = [v for v in splits[split][data.label_column] if self._label_id(v, meta) is None]
             if outside:
@@ -83,12 +111,12 @@ class SequenceClassification:
                     f"[{', '.join(labels)}]: {_examples(outside)}",
                     "fix the data, or list every label in data.labels",
                 )
-        return meta
+        return meta.to_dict()
 
     @staticmethod
-    def _label_id(value: Any, meta: dict[str, Any]) -> int | None:
-        labels = meta["labels"]
-        if meta["label_kind"] == "index":
+    def _label_id(value: Any, meta: ClassificationMeta) -> int | None:
+        labels = meta.labels
+        if meta.label_kind == "index":
             if isinstance(value, (int, np.integer)) and 0 <= int(value) < len(labels):
                 return int(value)
             return None
@@ -98,6 +126,7 @@ class SequenceClassification:
             return None
 
     def encode(self, dataset, tokenizer, data, meta, max_length, where="data"):
+        meta = ClassificationMeta.of(meta)
         text, pair, label = data.text_column, data.text_pair_column, data.label_column
         require_columns(dataset, {"text_column": text, "text_pair_column": pair}, where)
         for column in (text, pair):
@@ -112,7 +141,7 @@ class SequenceClassification:
             out["_long"] = [len(ids) > max_length for ids in
                             tokenizer(*texts, truncation=True, max_length=max_length + 1)["input_ids"]]
             if has_labels:
-                if meta["regression"]:
+                if meta.regression:
                     out["labels"] = [float(v) for v in batch[label]]
                 else:
                     out["labels"] = [self._label_id(v, meta) for v in batch[label]]
@@ -124,11 +153,11 @@ class SequenceClassification:
         if long_rows:
             warn(f"{long_rows} of {len(dataset)} rows in {where} are longer than max_length={max_length} tokens "
                  "and were truncated (raise data.max_length to keep more of each text)")
-        if has_labels and not meta["regression"] and any(v is None for v in encoded["labels"]):
+        if has_labels and not meta.regression and any(v is None for v in encoded["labels"]):
             outside = [v for v in dataset[label] if self._label_id(v, meta) is None]
-            kind = "label indices" if meta["label_kind"] == "index" else "label names"
+            kind = "label indices" if meta.label_kind == "index" else "label names"
             raise DataError(f"{where} has {len(outside)} label(s) outside the label set "
-                            f"[{', '.join(meta['labels'])}]: {_examples(outside)}",
+                            f"[{', '.join(meta.labels)}]: {_examples(outside)}",
                             f"the model was trained on these {kind}: use data labelled with them "
                             f"(or point data.label_column at the column that is)")
         return encoded
@@ -136,12 +165,16 @@ class SequenceClassification:
     def collator(self, tokenizer: PreTrainedTokenizerBase):
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
+    def packed_collator(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        return None  # a row is one text (or pair) with one label: nothing to pack
+
     # --- model --------------------------------------------------------------------------
 
-    def load_model(self, model: ModelConfig, meta: dict[str, Any]):
-        labels = meta["labels"]
+    def load_model(self, model: ModelConfig, meta: Meta):
+        meta = ClassificationMeta.of(meta)
+        labels = meta.labels
         kwargs: dict[str, Any] = {"num_labels": len(labels)}
-        if meta["regression"]:
+        if meta.regression:
             kwargs["problem_type"] = "regression"
         else:
             kwargs["id2label"] = dict(enumerate(labels))
@@ -164,7 +197,14 @@ class SequenceClassification:
         id2label = getattr(base_config, "id2label", None) or {}
         labels = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)] if len(id2label) == num_labels else [
             f"LABEL_{i}" for i in range(num_labels)]
-        return {"regression": num_labels == 1, "labels": labels, "label_kind": "index"}
+        return ClassificationMeta(regression=num_labels == 1, labels=labels, label_kind="index").to_dict()
+
+    def meta_for_base(self) -> dict[str, Any]:
+        # the bare base's head is untrained: two placeholder labels (the server refuses to classify with it)
+        return ClassificationMeta(regression=False, labels=["LABEL_0", "LABEL_1"], label_kind="index").to_dict()
+
+    def labels(self, meta: Meta) -> list[str]:
+        return list(ClassificationMeta.of(meta).labels)
 
     # --- evaluation and prediction ----------------------------------------------------
 
@@ -188,21 +228,22 @@ class SequenceClassification:
     def evaluate(self, model, tokenizer, raw, encoded, data, meta, max_length, batch_size):
         from torch.utils.data import DataLoader
 
+        meta = ClassificationMeta.of(meta)
         batches = DataLoader(encoded, batch_size=batch_size, collate_fn=self.collator(tokenizer))
         require_columns(raw, {"label_column": data.label_column}, "the evaluation data")
         logits, labels, loss = self._logits(model, batches)
         result: dict[str, float] = {"loss": loss, "samples": float(len(labels))}
-        if meta["regression"]:
+        if meta.regression:
             pred, gold = logits.squeeze(-1).numpy(), labels.numpy()
             result["pearson"] = float(stats.pearsonr(pred, gold)[0])
             result["spearman"] = float(stats.spearmanr(pred, gold)[0])
             result["mse"] = float(np.mean((pred - gold) ** 2))
             return result
         pred, gold = logits.argmax(-1).numpy(), labels.numpy()
-        binary = len(meta["labels"]) == 2
+        binary = len(meta.labels) == 2
         present = sorted(set(gold.tolist()))
         if len(present) == 1:
-            warn(f'the evaluation data holds a single label ("{meta["labels"][present[0]]}" in all {len(gold)} rows): '
+            warn(f'the evaluation data holds a single label ("{meta.labels[present[0]]}" in all {len(gold)} rows): '
                  "accuracy is the share predicted as it, MCC is 0 by definition and F1 says little; evaluate on data "
                  "with every label for comparable figures")
         with warnings.catch_warnings():  # scikit-learn's own notes on one-label data: said once, above
@@ -227,23 +268,25 @@ class SequenceClassification:
         with torch.no_grad():
             return model(**batch, **forward_kwargs).logits.float().cpu()
 
-    def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: dict[str, Any],
+    def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: Meta,
                probabilities: bool = False) -> dict[str, Any]:
         """One prediction: label and score (its probability), or a regression score; optionally every label's."""
+        meta = ClassificationMeta.of(meta)
         record: dict[str, Any] = {"text": text}
         if pair is not None:
             record["text_pair"] = pair
-        if meta["regression"]:
+        if meta.regression:
             record["score"] = float(row_logits[0])
             return record
         probs = row_logits.softmax(-1)
         best = int(probs.argmax())
-        record.update(label=meta["labels"][best], score=float(probs[best]))
+        record.update(label=meta.labels[best], score=float(probs[best]))
         if probabilities:
-            record["probabilities"] = {label: float(p) for label, p in zip(meta["labels"], probs)}
+            record["probabilities"] = {label: float(p) for label, p in zip(meta.labels, probs)}
         return record
 
     def predict(self, model, tokenizer, rows, data, meta, max_length, batch_size, generation=None):
+        meta = ClassificationMeta.of(meta)
         text, pair = data.text_column, data.text_pair_column
         missing = [c for c in (text, pair) if c and any(c not in r for r in rows)]
         if missing:
