@@ -13,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # end to end in subprocesses: CI runs it; the everyday loop (-m "not slow ...") does not
 def test_throughput_small_measures_every_variant(tmp_path):
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--small", "--methods",

@@ -135,6 +135,7 @@ def test_training_refuses_device_maps(make_config):
     assert "quantization: 4bit" in error.value.hint
 
 
+@pytest.mark.slow  # end to end in subprocesses: CI runs it; the everyday loop (-m "not slow ...") does not
 def test_cli_reports_where_layers_went_and_quantization_errors(lm_run, tmp_path):
     cli = [sys.executable, "-m", "peftlab", "predict", str(lm_run["run"]), "--text", PROMPTS[0],
            "--format", "jsonl"]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -17,6 +18,7 @@ SETTINGS = {"training.max_steps": 8, "training.group_by_length": False, "trainin
             "training.keep": "last", "data.max_train_samples": 96}
 
 
+@pytest.mark.slow  # end to end in subprocesses: CI runs it; the everyday loop (-m "not slow ...") does not
 def test_two_processes_match_one_with_the_same_global_batch(make_config, tmp_path):
     # no dropout, so both runs draw nothing at random after the seeded initialisation
     single = train(make_config("bert", "lora", {"lora_dropout": 0.0}, **SETTINGS, **{"training.batch_size": 16},

@@ -23,8 +23,9 @@ def generative_config(tiny_lms, generative_data, tmp_path, arch, method, **overr
         "model": {"name": str(tiny_lms[arch])}, "task": task, "method": {"name": method},
         "data": {"train_file": str(generative_data["train"]), "validation_file": str(generative_data["validation"]),
                  "target_column": "target", "max_length": 32, "target_max_length": 4},
+        # one evaluation at the end (generating the eval split each epoch would triple the test's time)
         "training": {"epochs": 12, "batch_size": 16, "learning_rate": tiny_model_rate(METHODS[method], task),
-                     "progress": False, "seed": 0},
+                     "progress": False, "seed": 0, "eval_strategy": "no", "keep": "last"},
         "output_dir": str(tmp_path / "run"),
     }
     if task == "causal-lm":

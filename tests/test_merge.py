@@ -14,7 +14,6 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel
 
 from peftlab import PeftlabError, build_config, cli, combine, load_adapter, merge, train
 from peftlab.methods import METHODS, peft_type_of, spec_for_peft_type
-from peftlab.testing import make_tiny_model
 
 TEXTS = ["alpha great bravo", "delta awful echo foxtrot"]
 AUTO = {"seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM,

@@ -152,6 +152,7 @@ def cli_recipe(make_config, tmp_path):
     return write
 
 
+@pytest.mark.slow  # end to end in subprocesses: CI runs it; the everyday loop (-m "not slow ...") does not
 def test_kill_9_and_ctrl_c_then_resume_from_the_command_line(cli_recipe):
     recipe, reference = cli_recipe("reference")
     assert _cli(recipe).wait() == 0

@@ -5,7 +5,6 @@ forward pass and give what separate requests give; bad requests get their 4xx.""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import shutil
 import socket
 import subprocess
