@@ -209,3 +209,48 @@ def test_upstream_notices_are_still_raised(tiny_models):
         raised = _future_warnings(action, silence=False)
         assert any(notice in message for message in raised), raised
         assert not any(notice in message for message in _future_warnings(action, silence=True))
+
+
+def _lora_classifier(tiny_models):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    with torch.no_grad():  # a LoRA that changes the outputs (B starts at zero)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    return model.eval(), dict(tokenizer(["alpha great", "delta awful echo", "golf"], padding=True, return_tensors="pt"))
+
+
+def _fail_a_mixed_forward(model, batch):
+    with pytest.raises(ValueError, match="adapter_names"):  # two names for three rows
+        model(**batch, adapter_names=["default", "__base__"])
+
+
+def test_upstream_mixed_batch_hooks_still_outlive_an_error(tiny_models):
+    """Canary for compat.guard_mixed_batch_hooks: in plain peft, a mixed-adapter forward that raises leaves its
+    adapter_names hooks on the LoRA layers, and the next plain forward fails. When this test fails, peft removes
+    them in a finally: drop the guard."""
+    model, batch = _lora_classifier(tiny_models)
+    _fail_a_mixed_forward(model, batch)
+    with pytest.raises(ValueError, match="adapter_names"):
+        model(**batch)
+
+
+def test_mixed_batch_hooks_are_removed_after_an_error(tiny_models):
+    model, batch = _lora_classifier(tiny_models)
+    compat.apply_fixes(model)
+    with torch.no_grad():
+        before = model(**batch).logits
+        mixed = model(**batch, adapter_names=["default", "__base__", "default"]).logits
+        _fail_a_mixed_forward(model, batch)
+        assert compat.remove_call_hooks(model) == 0  # nothing left behind
+        torch.testing.assert_close(model(**batch).logits, before)
+        with model.disable_adapter():
+            bare = model(**batch).logits
+    torch.testing.assert_close(mixed[[0, 2]], before[[0, 2]])  # mixed batches still mix
+    torch.testing.assert_close(mixed[1], bare[1])
+    assert not torch.allclose(before[1], bare[1])

@@ -455,3 +455,35 @@ def test_serve_command_refuses_bad_options_in_one_line(capsys, monkeypatch, tiny
     assert code == 2 and "does not fit" in err
     code, err = run("--base", bert)
     assert code == 2 and "--task" in err
+
+
+def test_deberta_adapters_with_their_saved_pooler_serve_as_predict(tmp_path):
+    """DeBERTa-v2's pooler is not in its base checkpoint: each adapter trains and saves its own (modules_to_save).
+    Served side by side on one base, each adapter answers with its own pooler, as predict() does."""
+    from peftlab.testing import make_tiny_model
+
+    base = make_tiny_model("deberta-v2", tmp_path / "deberta")
+    train_file = write_csv(tmp_path / "cls.csv", keyword_rows(64, seed=1))
+    flipped = write_csv(tmp_path / "flip.csv", _flip(keyword_rows(64, seed=1), "label"))
+    runs = {}
+    for name, data in (("deb-a", train_file), ("deb-b", flipped)):
+        train(build_config({"model": {"name": str(base)}, "method": {"name": "lora"},
+                            "data": {"train_file": str(data), "validation_file": str(train_file), "max_length": 24},
+                            "training": {"max_steps": 6, "batch_size": 16, "learning_rate": 5e-2, "progress": False,
+                                         "eval_strategy": "no"},
+                            "output_dir": str(tmp_path / name)}))
+        runs[name] = tmp_path / name
+    running = Running(create_server(str(base), runs, max_wait_ms=50))
+    try:
+        # its LoRA layers also see the relative position embeddings (not one row per input): no mixed batches,
+        # and the failed probe leaves nothing behind (compat.guard_mixed_batch_hooks)
+        models = {m["id"]: m for m in running.http.get("/v1/models").json()["data"]}
+        assert not models["deb-a"]["mixed_batches"] and not models["deb-b"]["mixed_batches"]
+        for name, path in runs.items():
+            body = running.http.post("/v1/classify", json={"model": name, "input": TEXTS}).json()
+            expected = predict(path, texts=TEXTS)
+            assert [d["label"] for d in body["data"]] == [e["label"] for e in expected]
+            for got, want in zip(body["data"], expected):
+                assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    finally:
+        running.stop()

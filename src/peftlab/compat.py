@@ -19,6 +19,8 @@ fails when upstream fixes the bug (then the workaround can go). Sections and can
   tests/test_compat.py::test_upstream_disable_adapter_still_fails_for_prompt_learning_classifiers
 - upstream notices that are not actionable for users (``silence_upstream_notices``):
   tests/test_compat.py::test_upstream_notices_are_still_raised
+- a failed mixed-adapter forward leaves peft's adapter_names hooks behind (``guard_mixed_batch_hooks``):
+  tests/test_compat.py::test_upstream_mixed_batch_hooks_still_outlive_an_error
 - prompt tuning / P-tuning generation ignores position ids (``prompt_positions_dropped``: batch
   only prompts of one length): tests/test_generative.py::test_prompt_learning_generation_does_not_depend_on_the_batch
 
@@ -55,6 +57,7 @@ import types
 import warnings
 from contextlib import contextmanager
 
+import torch
 from peft import PeftModel
 from peft.utils import PeftType
 
@@ -110,6 +113,7 @@ def apply_fixes(model: PeftModel) -> PeftModel:
     if isinstance(model, PeftModel) and prefix_tuning_needs_cache_fix(model):
         model._prefix_tuning_forward = types.MethodType(_prefix_tuning_forward_with_cache, model)
     fix_prompt_generation(model)  # defined below
+    guard_mixed_batch_hooks(model)  # defined below
     return model
 
 
@@ -376,3 +380,55 @@ def prompt_positions_dropped(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(config is not None and config.is_prompt_learning
                 and config.peft_type not in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE))
+
+
+# A failed mixed-adapter forward leaves its hooks behind
+# -----------------------------------------------------
+# peft 0.21.2's LoraModel._enable_peft_forward_hooks (a context manager) registers a forward
+# pre-hook with the call's `adapter_names` on every LoRA layer and removes them after its `yield`,
+# not in a `finally`: when the forward raises (a model whose LoRA layers also see inputs that are
+# not batch-shaped, such as DeBERTa's relative position embeddings, or any error mid-forward), the
+# hooks stay, and every later forward of that model runs with the stale adapter names: it fails
+# ("Length of `adapter_names` should be the same as the number of inputs") or mixes adapters
+# wrongly. The server probes mixed batches and serves many requests on one model, so one failure
+# would break all that follow. The guard below removes the call's hooks however the forward ends.
+# Canary: tests/test_compat.py::test_upstream_mixed_batch_hooks_still_outlive_an_error.
+
+_CALL_HOOKS = {"_adapter_names_pre_forward_hook", "_alora_offsets_pre_forward_hook"}
+
+
+def _call_hooks(model) -> list[tuple[torch.nn.Module, int]]:
+    return [(module, key) for module in model.modules() for key, hook in module._forward_pre_hooks.items()
+            if getattr(getattr(hook, "func", None), "__name__", None) in _CALL_HOOKS]
+
+
+def remove_call_hooks(model, keep: set[tuple[int, int]] = frozenset()) -> int:
+    """Remove peft's per-call forward pre-hooks (adapter_names / alora_offsets) from ``model``'s modules, except
+    those in ``keep`` ((id(module), hook id): an enclosing call's)."""
+    removed = 0
+    for module, key in _call_hooks(model):
+        if (id(module), key) not in keep:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            removed += 1
+    return removed
+
+
+def guard_mixed_batch_hooks(model) -> None:
+    """Make the tuner's per-call hooks go away even when the forward raises (idempotent)."""
+    tuner = getattr(model, "base_model", None) if isinstance(model, PeftModel) else None
+    enable = getattr(tuner, "_enable_peft_forward_hooks", None)
+    if enable is None or getattr(enable, "_peftlab_guarded", False):
+        return
+
+    @contextmanager
+    def guarded(*args, **kwargs):
+        enclosing = {(id(module), key) for module, key in _call_hooks(tuner)}
+        try:
+            with enable(*args, **kwargs):
+                yield
+        finally:
+            remove_call_hooks(tuner, keep=enclosing)  # this call's hooks, if the forward raised
+
+    guarded._peftlab_guarded = True
+    tuner._enable_peft_forward_hooks = guarded
