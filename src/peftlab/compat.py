@@ -423,6 +423,10 @@ def guard_mixed_batch_hooks(model) -> None:
 
     @contextmanager
     def guarded(*args, **kwargs):
+        if kwargs.get("adapter_names") is None and kwargs.get("alora_offsets") is None:
+            with enable(*args, **kwargs):  # no per-call hooks: nothing to guard (the usual forward)
+                yield
+            return
         enclosing = {(id(module), key) for module, key in _call_hooks(tuner)}
         try:
             with enable(*args, **kwargs):
