@@ -5,8 +5,6 @@ fails when upstream fixes the bug (then the workaround can go). Sections and can
 
 - prefix tuning on encoder classifiers (``apply_fixes``):
   tests/test_compat.py::test_upstream_prefix_tuning_is_still_broken
-- generation with prompt-learning methods (``generation_overrides``: no KV cache):
-  tests/test_generative.py::test_upstream_prompt_learning_generation_is_still_broken (use_cache=True)
 - merging IA3 with a trained classification head (``unwrap_modules_to_save``):
   tests/test_compat.py::test_upstream_ia3_merge_with_a_roberta_head_is_still_broken
 - attaching an adapter to a disk-offloaded base (``redirect_offloaded_weights``):
@@ -117,28 +115,6 @@ def apply_fixes(model: PeftModel) -> PeftModel:
     return model
 
 
-# Generation with prompt-learning methods
-# ---------------------------------------
-# With transformers 5.2x, peft 0.21's cached generation for prompt-learning adapters drifts
-# from the model's own forward pass: the prefix cache is handed over as `past_key_values`
-# while generate() carries its own (empty) `cache=`, so seq2seq prefix tuning ignores the
-# prefix, and decoder-only prefix / prompt / P-tuning decode at the wrong positions after
-# the first token. Without the KV cache, peft rebuilds the virtual tokens at every step
-# and greedy generation equals step-by-step argmax of the forward pass (tested for every
-# technique x family in tests/test_generative.py). The cost is quadratic in the generated
-# length, which is small for label and short-answer generation. (Not enough on its own with
-# transformers 5.24: see "Prompt-learning generation and transformers' `cache` rename" below.)
-# Remove when plain peft's cached generation equals the forward pass (canary:
-# tests/test_generative.py::test_upstream_prompt_learning_generation_is_still_broken with use_cache=True).
-
-
-def generation_overrides(model) -> dict:
-    """Extra generate() arguments that keep generation faithful to the forward pass."""
-    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
-        return {"use_cache": False}
-    return {}
-
-
 # Merging IA3 with a trained classification head
 # ----------------------------------------------
 # peft 0.21's IA3 merge_and_unload() replaces each ModulesToSaveWrapper (the trained head of
@@ -239,7 +215,7 @@ def restore_dropped_tensors(weights_file, expected: dict) -> list[str]:
 # prepare_inputs_for_generation still speaks the old name: it hands the prefix of prefix
 # tuning / P-tuning v2 over as `past_key_values`, and it decides whether the virtual tokens
 # are still to be injected by looking for `past_key_values`, which is never there. So:
-# - use_cache=False (peftlab's path, generation_overrides above): Llama-family models and T5
+# - use_cache=False: Llama-family models and T5
 #   return the cache they were given even without caching (GPT-2 does not), and generate()
 #   feeds it back as `cache=`; from the second new token on, that stale cache (the prefix and
 #   the previous passes' keys) wins over peft's fresh prefix, and prefix / P-tuning v2
@@ -250,7 +226,8 @@ def restore_dropped_tensors(weights_file, expected: dict) -> list[str]:
 # fed-back cache when use_cache is False, lets peft see generate()'s cache under its old
 # name, hands peft's prefix over as `cache` (without a KV cache, a fresh prefix at every step,
 # also where peft's seq2seq prepare would give it on the first step only), and leaves
-# everything else to peft. Greedy generation then equals step-by-step
+# everything else to peft. peftlab generates with the KV cache (linear in the generated length)
+# for every technique. Greedy generation then equals step-by-step
 # argmax of the forward pass with and without the KV cache, for every technique x family
 # (tests/test_generative.py, batched as peftlab batches). No upstream report found (related:
 # huggingface/transformers#37078, a model updates the cache it is given even with

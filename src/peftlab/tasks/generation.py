@@ -166,7 +166,7 @@ def generate_tokens(model, tokenizer: PreTrainedTokenizerBase, prompts: list[lis
     try:
         for rows in _batches(prompts, batch_size, equal_lengths=decoder_only and compat.prompt_positions_dropped(model)):
             batch = tokenizer.pad({"input_ids": [prompts[i] for i in rows]}, return_tensors="pt").to(device)
-            extra = compat.generation_overrides(model)
+            extra: dict[str, Any] = {}
             if stop:
                 prompt_length = batch["input_ids"].shape[1] if decoder_only else 0
                 extra["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, stop, prompt_length)])
