@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftlab import compat, placement
 from peftlab.config import ModelConfig, RunConfig, readable_error
-from peftlab.errors import AdapterError, ConfigError, PeftlabError
+from peftlab.errors import AdapterError, ConfigError, PeftlabError, listed
 from peftlab.methods import PEFT_SAVES
 from peftlab.model import (base_signature, describe_base, fit_embeddings, load_model_config, load_tokenizer,
                            untrained_modules)
@@ -189,10 +189,6 @@ def _normalise(key: str, adapter_name: str = "default") -> str:
     return key.replace(f".{adapter_name}", "")
 
 
-def _listed(keys: list[str], limit: int = 3) -> str:
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Path, base: str,
                  adapter_name: str = "default") -> None:
     """The adapter file and the adapter peft built on the base hold the same tensors, of the same shapes.
@@ -219,7 +215,7 @@ def check_loaded(model: PeftModel, shapes: dict[str, tuple[int, ...]], path: Pat
     if missing:
         raise AdapterError(
             f"the adapter in {path} does not fit the base model {base}: the model has {len(missing)} adapter "
-            f"tensor(s) the adapter file lacks ({_listed(missing)}), so they would keep their initial values "
+            f"tensor(s) the adapter file lacks ({listed(missing)}), so they would keep their initial values "
             "(a base with more layers or other layer names?)", OTHER_BASE)
 
 

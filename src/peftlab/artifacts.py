@@ -79,7 +79,7 @@ def _save_converted(directory: Path, model: PeftModel, initial: dict[str, torch.
 
 
 def save_run(directory: Path, model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             config: RunConfig, record: RunRecord | dict[str, Any], metrics: dict[str, Any],
+             config: RunConfig, record: RunRecord, metrics: dict[str, Any],
              state_dict: dict[str, torch.Tensor] | None = None,
              initial_adapter: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter (or, for full fine-tuning, the model), tokenizer, config, record and metrics.
@@ -107,7 +107,6 @@ def save_run(directory: Path, model: PeftModel | PreTrainedModel, tokenizer: Pre
         base = model.get_base_model()
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_CONFIG)
-    record = record if isinstance(record, RunRecord) else RunRecord.from_dict(record)
     write_record(directory, dataclasses.replace(
         record, base=base_signature(base.config, embedding_rows(base)), versions=library_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), adapter_bytes=weights_bytes(directory)))

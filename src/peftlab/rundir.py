@@ -40,7 +40,7 @@ import yaml
 from safetensors import SafetensorError
 
 from peftlab.config import RunConfig
-from peftlab.errors import AdapterError, PeftlabError
+from peftlab.errors import AdapterError, PeftlabError, listed
 from peftlab.progress import warn
 from peftlab.recipe import build_config
 from peftlab.version import __version__
@@ -179,9 +179,8 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
             raise PeftlabError(f"output directory {path} already exists and is not empty",
                                "choose another output_dir, or pass --overwrite")
         if not is_peftlab_output(path):
-            found = sorted(p.name for p in path.iterdir())
-            listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-            raise PeftlabError(f"output directory {path} holds files peftlab did not write ({listed}); "
+            found = listed(sorted(p.name for p in path.iterdir()), limit=4)
+            raise PeftlabError(f"output directory {path} holds files peftlab did not write ({found}); "
                                "--overwrite only replaces a peftlab run",
                                "choose another output_dir (a new or empty folder); nothing was changed")
     parent = path.absolute().parent

@@ -229,13 +229,12 @@ def _finish(run: Prepared, fitted: Fitted, staging: Path | None,
     if staging is None:
         return metrics, 0, notes
     state, config = run.state, run.config
-    record = {
-        "task": config.task, "method": run.spec.name, "meta": run.meta, "main_metric": run.evaluator.main_metric,
-        "trainable_params": run.trainable, "total_params": run.total, "train_seconds": round(fitted.seconds, 2),
-        "steps": state.step, "kept": {"which": config.training.keep, **{k: final[k] for k in ("step", "epoch")}},
-        "max_length": run.max_length, "precision": run.precision, "fast_path": run.fast.record(),
-        "num_processes": accelerator.num_processes, "notes": notes,
-    }
+    record = artifacts.RunRecord(
+        task=config.task, method=run.spec.name, meta=run.meta, main_metric=run.evaluator.main_metric,
+        trainable_params=run.trainable, total_params=run.total, train_seconds=round(fitted.seconds, 2),
+        steps=state.step, kept={"which": config.training.keep, **{k: final[k] for k in ("step", "epoch")}},
+        max_length=run.max_length, precision=run.precision, fast_path=run.fast.record(),
+        num_processes=accelerator.num_processes, notes=notes)
     if run.spec.full and not sharded:
         weights = None  # the kept weights are in the model (copied above): save it whole, buffers included
     artifacts.save_run(staging, unwrapped, run.tokenizer, config, record,
