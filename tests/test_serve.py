@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import shutil
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from peftlab import build_config, predict, train
-from peftlab.serving import create_app, create_server
+from peftlab.serving import create_server
 from peftlab.serving.batcher import Job
 from peftlab.testing import chat_rows, keyword_rows, label_text_rows, write_csv, write_jsonl
+from serve_helpers import Running
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -85,37 +84,11 @@ def _chat_flipped(n):
 
 # --- a real server on a loopback port ------------------------------------------------------
 
-class Running:
-    def __init__(self, server):
-        self.server = server
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port, log_level="warning")
-        self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-        self.openai = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def metrics(self) -> dict:
-        return self.http.get("/v1/metrics").json()
-
-    def stop(self):
-        self.http.close()
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def cls_server(adapters, tiny_models):
     running = Running(create_server(str(tiny_models["bert"]), {n: adapters[n] for n in ("cls-a", "cls-b", "cls-ia3")},
-                                    adapter_root=adapters["_root"], max_wait_ms=50, max_input_chars=500))
+                                    adapter_root=adapters["_root"], max_wait_ms=50, max_input_chars=500,
+                                    max_input_tokens=32))
     yield running
     running.stop()
 
@@ -123,7 +96,7 @@ def cls_server(adapters, tiny_models):
 @pytest.fixture(scope="module")
 def lm_server(adapters, tiny_lms):
     running = Running(create_server(str(tiny_lms["llama"]), {n: adapters[n] for n in ("lm-a", "lm-chat", "lm-prompt")},
-                                    max_wait_ms=50, max_tokens=64))
+                                    max_wait_ms=50, max_tokens=64, max_input_tokens=32))
     yield running
     running.stop()
 

@@ -406,6 +406,23 @@ def serve(
     mixed_batches: Annotated[bool, typer.Option(help="Put requests for different LoRA adapters into one forward "
                                                      "pass (--no-mixed-batches: one adapter per pass).")] = True,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: where it loads).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="PEFTLAB_API_KEY", show_default=False,
+                                                   help="Require 'Authorization: Bearer KEY' on every /v1/* route "
+                                                        "(/health, / and /metrics stay open). Prefer the "
+                                                        "environment variable: a flag shows in the process "
+                                                        "list.")] = None,
+    enable_docs: Annotated[bool, typer.Option("--enable-docs", help="Serve /docs and /openapi.json (off "
+                                                                    "without it).")] = False,
+    max_input_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest input in tokens, for every "
+                                                                        "model (default: what the model "
+                                                                        "takes).")] = None,
+    max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one chat request.")] = 256,
+    max_adapters: Annotated[Optional[int], typer.Option(min=1, help="Most adapters loaded at run time held in "
+                                                                    "memory; the least recently used is evicted and "
+                                                                    "loaded again on its next request (default: no "
+                                                                    "cap).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(min=0, help="Seconds running generations get to finish after "
+                                                                "SIGTERM / Ctrl-C before they are ended.")] = 10.0,
 ) -> None:
     """Serve many adapters on one base model over HTTP (OpenAI-compatible completions, classification)."""
     from peftlab.serving import serve as run
@@ -414,7 +431,8 @@ def serve(
     err.print(f"peftlab serve: loading {base} and {len(adapters)} adapter(s) ...", highlight=False)
     run(base, adapters, host=host, port=port, task=task, adapter_root=adapter_root, device=device,
         mixed_batches=mixed_batches, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-        max_tokens=max_tokens)
+        max_tokens=max_tokens, api_key=api_key, enable_docs=enable_docs, max_input_tokens=max_input_tokens,
+        max_messages=max_messages, max_adapters=max_adapters, shutdown_timeout=shutdown_timeout)
 
 
 def main() -> None:

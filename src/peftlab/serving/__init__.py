@@ -30,24 +30,36 @@ def _require_stack() -> None:
 def create_server(base: str, adapters: dict[str, str | Path] | None = None, *, task: str | None = None,
                   adapter_root: str | Path | None = None, device: str | None = None, dtype: str = "auto",
                   mixed_batches: bool = True, max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 64,
-                  max_tokens: int = 256, max_input_chars: int = 20_000, max_inputs: int = 64):
+                  max_tokens: int = 256, max_input_chars: int = 20_000, max_inputs: int = 64,
+                  max_input_tokens: int | None = None, max_messages: int = 256,
+                  max_body_bytes: int = 4 * 1024 * 1024, api_key: str | None = None, enable_docs: bool = False,
+                  max_adapters: int | None = None):
     """Load the base once and the adapters on it; returns the :class:`~peftlab.serving.api.Server`.
 
     ``adapters``: name -> adapter directory (all of one task family; ``task`` is needed only when
     there are none). ``adapter_root``: the folder run-time loads (``POST /v1/adapters``) may read
     from; ``None`` turns run-time loading off. ``mixed_batches=False`` batches each adapter apart.
+    ``api_key``: required as ``Authorization: Bearer KEY`` on every ``/v1/*`` route (``None``: no key).
+    ``enable_docs``: serve ``/docs`` and ``/openapi.json``. ``max_input_tokens`` caps every model's
+    input (default: what the model takes); ``max_messages`` caps a chat request's messages.
+    ``max_adapters``: the most adapters loaded at run time kept in memory (least recently used
+    evicted, loaded again on demand; the ``adapters`` given here are never evicted).
     """
     _require_stack()
+    if api_key is not None and not api_key.strip():  # before the models load
+        raise ConfigError("the API key is empty", "give --api-key (or PEFTLAB_API_KEY) a value, or leave it out")
     from peftlab.serving.api import Limits, Server
     from peftlab.serving.registry import Registry, infer_task
 
     adapters = dict(adapters or {})
     registry = Registry(base, infer_task(adapters, base, task), adapter_root=adapter_root, device=device,
-                        dtype=dtype, mixed_batches=mixed_batches)
+                        dtype=dtype, mixed_batches=mixed_batches, max_adapters=max_adapters)
     for name, path in adapters.items():
         registry.add(name, path)
-    limits = Limits(max_tokens=max_tokens, max_input_chars=max_input_chars, max_inputs=max_inputs)
-    return Server(registry, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size)
+    limits = Limits(max_tokens=max_tokens, max_input_chars=max_input_chars, max_inputs=max_inputs,
+                    max_input_tokens=max_input_tokens, max_messages=max_messages, max_body_bytes=max_body_bytes)
+    return Server(registry, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                  api_key=api_key, enable_docs=enable_docs)
 
 
 def create_app(server):
@@ -59,16 +71,29 @@ def create_app(server):
 
 
 def serve(base: str, adapters: dict[str, str | Path] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", **options) -> None:
-    """Load and serve until interrupted (uvicorn in this process)."""
+          log_level: str = "info", shutdown_timeout: float = 10.0, **options) -> None:
+    """Load and serve until SIGTERM / Ctrl-C (uvicorn in this process).
+
+    On the signal the server stops accepting connections, answers queued requests 503, lets
+    running generations finish for up to ``shutdown_timeout`` seconds and then ends them (a
+    stream gets an error event and ``[DONE]``), and exits.
+    """
     _require_stack()
     import uvicorn
 
     server = create_server(base, adapters, **options)
+
+    class Graceful(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            server.batcher.begin_shutdown(shutdown_timeout)
+            super().handle_exit(sig, frame)
+
     names = ", ".join(server.registry.names())
     print(f"peftlab serve: {server.registry.task.name} on {base}; models: {names}; page http://{host}:{port}/",
           flush=True)
-    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + 5)
+    Graceful(config).run()
 
 
 __all__ = ["create_app", "create_server", "serve"]

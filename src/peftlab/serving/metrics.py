@@ -27,10 +27,11 @@ class Metrics:
         self.completion_tokens: dict[str, int] = defaultdict(int)
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.latencies: dict[str, deque] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
-        self.forward_passes = 0  # batched model calls (one generate() or one classification forward)
+        self.forward_passes = 0  # batched model calls (a decoding step, one generate() or a classification forward)
         self.batched_rows = 0
         self.mixed_passes = 0  # passes that held rows of more than one adapter
         self.rejected = 0  # 503: the queue was full
+        self.cancelled_rows = 0  # rows dropped because their client went away (or their job failed)
 
     def request(self, adapter: str, seconds: float, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         with self._lock:
@@ -48,13 +49,17 @@ class Metrics:
         with self._lock:
             self.rejected += 1
 
+    def cancel(self, rows: int) -> None:
+        with self._lock:
+            self.cancelled_rows += rows
+
     def forward(self, rows: int, adapters: set[str]) -> None:
         with self._lock:
             self.forward_passes += 1
             self.batched_rows += rows
             self.mixed_passes += len(adapters) > 1
 
-    def snapshot(self, queue_depth: int = 0) -> dict[str, Any]:
+    def snapshot(self, queue_depth: int = 0, running: int = 0) -> dict[str, Any]:
         with self._lock:
             names = sorted(set(self.requests) | set(self.errors))
             adapters = {}
@@ -68,17 +73,17 @@ class Metrics:
                     "latency_p50_s": _percentile(window, 0.5), "latency_p99_s": _percentile(window, 0.99),
                 }
             return {
-                "uptime_s": time.time() - self.started, "queue_depth": queue_depth,
+                "uptime_s": time.time() - self.started, "queue_depth": queue_depth, "running_rows": running,
                 "requests": sum(self.requests.values()), "errors": sum(self.errors.values()),
-                "rejected": self.rejected, "forward_passes": self.forward_passes,
+                "rejected": self.rejected, "cancelled_rows": self.cancelled_rows, "forward_passes": self.forward_passes,
                 "batched_rows": self.batched_rows, "mixed_passes": self.mixed_passes,
                 "mean_batch_rows": self.batched_rows / self.forward_passes if self.forward_passes else None,
                 "adapters": adapters,
             }
 
-    def prometheus(self, queue_depth: int = 0) -> str:
+    def prometheus(self, queue_depth: int = 0, running: int = 0) -> str:
         """The same counters in Prometheus' text format."""
-        snap = self.snapshot(queue_depth)
+        snap = self.snapshot(queue_depth, running)
         lines = []
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -103,5 +108,8 @@ class Metrics:
         metric("batched_rows_total", "counter", "Rows in batched model calls.", [("", snap["batched_rows"])])
         metric("mixed_passes_total", "counter", "Model calls that mixed several adapters.", [("", snap["mixed_passes"])])
         metric("rejected_total", "counter", "Requests answered 503 (queue full).", [("", snap["rejected"])])
+        metric("cancelled_rows_total", "counter", "Rows dropped because their client went away.",
+               [("", snap["cancelled_rows"])])
         metric("queue_depth", "gauge", "Requests waiting.", [("", queue_depth)])
+        metric("running_rows", "gauge", "Rows generating or waiting to join the running batch.", [("", running)])
         return "\n".join(lines) + "\n"

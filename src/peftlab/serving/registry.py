@@ -12,11 +12,21 @@ once per adapter when it loads, not assumed. Other groups are run one adapter at
 
 Every method here that changes models runs on the batcher's worker thread (or before it
 starts), never beside a forward pass.
+
+Loading is split in two so that little of it stalls traffic: ``prepare`` (any thread, beside
+forward passes) does the checks, reads the adapter and, when it needs a group of its own, builds
+that group's model whole and probes it; ``install`` (worker thread) attaches into an existing
+group or registers the prepared one. ``add`` is both in one. Adapters loaded at run time can be
+capped (``max_adapters``): the least recently used one not in use (``touch`` marks use; ``in_use``
+is the batcher's say) is evicted, and remembered with its directory so it can be reloaded on
+demand; adapters given at start-up are pinned.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +38,7 @@ from peftlab.adapters import AdapterSource, attach, detach, load_tokenizer_of, r
 from peftlab.rundir import RunRecord
 from peftlab.config import DataConfig, GenerationConfig, ModelConfig
 from peftlab.errors import AdapterError, ConfigError, PeftlabError
-from peftlab.inference import data_config, input_limit
+from peftlab.inference import data_config
 from peftlab.model import embedding_rows, load_model_config, load_tokenizer, max_positions
 from peftlab.tasks import get_task
 
@@ -46,6 +56,10 @@ class AdapterForbidden(PeftlabError):
 
 class AdapterConflict(PeftlabError):
     """An adapter of that name is already served (HTTP 409)."""
+
+
+class AdapterCapacity(PeftlabError):
+    """The cap on adapters loaded at run time is reached and every one of them is in use (HTTP 503)."""
 
 
 @dataclass(eq=False)
@@ -69,11 +83,13 @@ class ServedAdapter:
     source: AdapterSource
     tokenizer: Any
     data: DataConfig
-    max_length: int  # longest input in tokens
+    max_length: int  # longest input in tokens: the model's positions, less any virtual tokens
     decoding: GenerationConfig
     group: Group | None  # None for the bare base
     method: str
     mixable: bool = False
+    virtual_tokens: int = 0  # positions a prompt-learning adapter takes before the input
+    runtime: bool = False  # loaded at run time: evictable under the cap (start-up adapters are pinned)
 
     @property
     def task(self):
@@ -84,12 +100,26 @@ class ServedAdapter:
         return self.source.meta
 
     def describe(self) -> dict[str, Any]:
-        info = {"task": self.source.task.name, "method": self.method, "path": str(self.path) if self.group else None,
-                "mixed_batches": self.mixable}
+        info = {"task": self.source.task.name, "method": self.method, "mixed_batches": self.mixable}  # no paths
         if self.source.task.classifies and self.group is not None:  # the bare base has no trained head
             info["labels"] = self.source.task.labels(self.meta)
             info["text_pair"] = bool(self.data.text_pair_column)
         return info
+
+
+@dataclass(eq=False)
+class Prepared:
+    """An adapter read and checked by :meth:`Registry.prepare`, not served yet (:meth:`Registry.install`)."""
+
+    name: str
+    path: Path
+    source: AdapterSource
+    tokenizer: Any
+    data: DataConfig
+    runtime: bool
+    key: tuple
+    group: Group | None = None  # a new group, built with the adapter attached, when none of its key was there
+    mixable: bool = False  # the probe's answer on that new group
 
 
 def _share_weights(model: torch.nn.Module, reference: torch.nn.Module) -> None:
@@ -109,7 +139,16 @@ class Registry:
     """The base model, the served adapters and their groups."""
 
     def __init__(self, base: str, task: str, *, adapter_root: str | Path | None = None, device: str | None = None,
-                 dtype: str = "auto", mixed_batches: bool = True):
+                 dtype: str = "auto", mixed_batches: bool = True, max_adapters: int | None = None):
+        if max_adapters is not None and (isinstance(max_adapters, bool) or not isinstance(max_adapters, int)
+                                         or max_adapters < 1):
+            raise ConfigError(f"max_adapters must be a positive whole number, not {max_adapters!r}",
+                              "leave it unset for no cap")
+        self.max_adapters = max_adapters  # adapters loaded at run time held at once (start-up ones are pinned)
+        self.in_use = lambda name: False  # the batcher's say: has the adapter queued or running rows
+        self.evicted: dict[str, Path] = {}  # name -> directory, reloaded on demand
+        self._recent: OrderedDict[str, None] = OrderedDict()  # runtime adapters served, least recently used first
+        self._lock = threading.Lock()  # guards _recent and evicted: touch() comes from the event loop's thread
         self.model_config = ModelConfig(name=base, dtype=dtype)  # trust_remote_code stays off
         self.task = get_task(task)
         self.task.check_model(load_model_config(self.model_config), base)
@@ -127,7 +166,7 @@ class Registry:
             name="base", path=Path(base), tokenizer=self.tokenizer, data=data,
             source=AdapterSource(path=Path(base), peft_config=None, shapes={}, task=self.task, meta=base_meta,
                                  config=None, model_config=self.model_config, record=RunRecord()),
-            max_length=min(data.max_length, max_positions(self.base_model.config, self.tokenizer)),
+            max_length=max_positions(self.base_model.config, self.tokenizer),  # not data.max_length's default
             decoding=GenerationConfig(), group=None, method="none")
 
     def _load_base(self, meta: dict[str, Any]):
@@ -162,16 +201,32 @@ class Registry:
             raise AdapterNotFound(f"no adapter directory {path} under the adapter root")
         return full
 
-    # --- changes (worker thread) -----------------------------------------------------
+    def registered(self, name: str) -> Path | None:
+        """The directory of an adapter evicted under the cap (reload it from there), else None."""
+        with self._lock:
+            return self.evicted.get(name)
 
-    def add(self, name: str, path: str | Path) -> ServedAdapter:
-        """Load the adapter at ``path`` as ``name`` (checks: name, task family, fit to the base)."""
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise AdapterError(f"invalid adapter name {name!r}", "use 1-64 letters, digits, '.', '_', ':' or '-', "
-                                                                 "starting with a letter or digit")
-        if name in self.adapters or name in ("base", self.model_config.name) or name == BASE:
-            raise AdapterConflict(f'an adapter named "{name}" is already served', "choose another name, or delete "
-                                                                                  "the served one first")
+    def touch(self, name: str) -> None:
+        """Mark a runtime adapter as just used, for the cap's least-recently-used order (cheap; any thread)."""
+        with self._lock:
+            if name in self._recent:
+                self._recent.move_to_end(name)
+
+    # --- changes (worker thread; prepare on any thread) ------------------------------
+
+    def add(self, name: str, path: str | Path, *, runtime: bool = False) -> ServedAdapter:
+        """Load the adapter at ``path`` as ``name`` (checks: name, task family, fit to the base).
+
+        ``runtime``: loaded at run time, so counted against ``max_adapters`` and evictable.
+        """
+        return self.install(self.prepare(name, path, runtime=runtime))
+
+    def prepare(self, name: str, path: str | Path, *, runtime: bool = False) -> Prepared:
+        """Check and read the adapter at ``path``; when no group of its kind is served, build one for it.
+
+        Safe beside forward passes (any thread): it changes nothing they use. :meth:`install` serves it.
+        """
+        self._check_name(name, path)
         path = Path(path)
         if not path.is_dir():
             raise AdapterNotFound(f"adapter directory not found: {path}")
@@ -190,53 +245,132 @@ class Registry:
         if len(tokenizer) != len(self.tokenizer):
             raise AdapterError(f"{path} has a tokenizer of {len(tokenizer)} tokens; the base's has {len(self.tokenizer)}",
                                "adapters served together share the base's vocabulary")
+        prepared = Prepared(name=name, path=path, source=source, tokenizer=tokenizer,
+                            data=data_config(source, "<inline>", None), runtime=runtime, key=self._key(source))
+        if self._group_for(prepared.key) is None:  # the slow part (a model load), done here off the worker
+            prepared.group = self._new_group(source, name)
+            prepared.mixable = not prepared.group.prompt_learning and self._mixes(prepared.group, name)
+        return prepared
+
+    def install(self, prepared: Prepared) -> ServedAdapter:
+        """Serve a prepared adapter: attach it into its group, or register the group built for it.
+
+        Evicts the least recently used runtime adapters not in use when the cap is reached
+        (:class:`AdapterCapacity` when every one is in use, before any change).
+        """
+        name, source, tokenizer, path = prepared.name, prepared.source, prepared.tokenizer, prepared.path
+        self._check_name(name, path)  # another install may have taken the name since prepare
+        victims = self._victims() if prepared.runtime else []
         peft_config = source.peft_config
-        group = self._group_for(source)
+        group = self._group_for(prepared.key)
         created = group is None
-        if created:  # a new PeftModel over a module tree that shares the base's weights
-            group_base = self.task.load_model(self.model_config, source.meta)
-            _share_weights(group_base, self.base_model)
-            group = Group(key=self._key(source), model=attach(group_base, source, name),
-                          prompt_learning=peft_config.is_prompt_learning)
-        else:
+        if created:  # the group prepare built; built here only when the one prepare saw is gone since
+            group = prepared.group if prepared.group is not None else self._new_group(source, name)
+            mixable = prepared.mixable if prepared.group is not None else \
+                not group.prompt_learning and self._mixes(group, name)
+        else:  # a group of this kind is served (perhaps installed after this prepare): the adapter joins it
             attach(group.model, source, name)
-        group.model.set_adapter(name)
-        if self.device:
-            group.model.to(self.device)
-        group.model.eval()
-        data = data_config(source, "<inline>", None)
+            group.model.set_adapter(name)
+            if self.device:
+                group.model.to(self.device)
+            group.model.eval()
+            mixable = not group.prompt_learning and self._mixes(group, name)
+        prepared.group = None  # installed once
+        data = prepared.data
+        # what the model takes, not the length the run trained with (predict / eval keep that: inference.input_limit)
+        reserved = (getattr(peft_config, "num_virtual_tokens", 0) or 0) if peft_config.is_prompt_learning else 0
         served = ServedAdapter(
             name=name, path=path, source=source, tokenizer=tokenizer, data=data,
-            max_length=input_limit(source.record, data, peft_config, group.model.config, tokenizer),
+            max_length=max_positions(group.model.config, tokenizer) - reserved,
             decoding=source.config.generation if source.config else GenerationConfig(), group=group,
-            method=str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower())
-        if not group.prompt_learning:
-            served.mixable = self._mixes(group, name)
+            method=str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower(),
+            virtual_tokens=reserved, runtime=prepared.runtime)
+        served.mixable = mixable
         group.adapters[name] = served
         if created:
             self.groups.append(group)
         self.adapters[name] = served
+        with self._lock:
+            self.evicted.pop(name, None)
+            if prepared.runtime:
+                self._recent[name] = None
+        for victim in victims:
+            self._evict(victim)
         return served
 
     def remove(self, name: str) -> None:
-        served = self.adapters.get(name)
-        if served is None:
+        """Stop serving ``name`` (or forget it, when it was evicted)."""
+        if name not in self.adapters:
+            with self._lock:
+                if self.evicted.pop(name, None) is not None:
+                    return
             raise AdapterNotFound(f'no adapter named "{name}"')
+        self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        served = self.adapters[name]
         group = served.group
         del self.adapters[name]
         del group.adapters[name]
+        with self._lock:
+            self._recent.pop(name, None)
         if not group.adapters:
             self.groups.remove(group)  # its module tree goes; the shared base weights stay
         else:
             detach(group.model, name)
 
+    def _evict(self, name: str) -> None:
+        path = self.adapters[name].path
+        self._unload(name)
+        with self._lock:
+            self.evicted[name] = path
+
+    def _victims(self) -> list[str]:
+        """The runtime adapters to evict to make room for one more: least recently used first, none in use."""
+        if self.max_adapters is None:
+            return []
+        with self._lock:
+            order = list(self._recent)
+        excess = len(order) - self.max_adapters + 1
+        if excess <= 0:
+            return []
+        victims = [name for name in order if not self.in_use(name)][:excess]
+        if len(victims) < excess:
+            raise AdapterCapacity(f"the cap of {self.max_adapters} adapters loaded at run time is reached and they "
+                                  "are all in use", "retry when their requests have finished, or serve with a higher "
+                                                    "--max-adapters")
+        return victims
+
+    def _check_name(self, name: str, path: str | Path) -> None:
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise AdapterError(f"invalid adapter name {name!r}", "use 1-64 letters, digits, '.', '_', ':' or '-', "
+                                                                 "starting with a letter or digit")
+        if name in self.adapters or name in ("base", self.model_config.name) or name == BASE:
+            raise AdapterConflict(f'an adapter named "{name}" is already served', "choose another name, or delete "
+                                                                                  "the served one first")
+        registered = self.registered(name)  # an evicted adapter reloads from its own directory only
+        if registered is not None and Path(path).resolve() != registered.resolve():
+            raise AdapterConflict(f'an adapter named "{name}" is already served (evicted, reloaded on demand) from '
+                                  "another directory", "choose another name, or delete the served one first")
+
+    def _new_group(self, source: AdapterSource, name: str) -> Group:
+        """A new PeftModel holding the adapter, over a module tree that shares the base's weights."""
+        group_base = self.task.load_model(self.model_config, source.meta)
+        _share_weights(group_base, self.base_model)
+        group = Group(key=self._key(source), model=attach(group_base, source, name),
+                      prompt_learning=source.peft_config.is_prompt_learning)
+        group.model.set_adapter(name)
+        if self.device:
+            group.model.to(self.device)
+        group.model.eval()
+        return group
+
     def _key(self, source: AdapterSource) -> tuple:
         head = len(self.task.labels(source.meta)) if self.task.classifies else None  # one head shape per model
         return (str(source.peft_config.peft_type), head)
 
-    def _group_for(self, source: AdapterSource) -> Group | None:
-        key = self._key(source)
-        return next((g for g in self.groups if g.key == key), None)
+    def _group_for(self, key: tuple) -> Group | None:
+        return next((g for g in list(self.groups) if g.key == key), None)
 
     @torch.no_grad()
     def _mixes(self, group: Group, name: str) -> bool:
