@@ -50,6 +50,8 @@ def build_models(root: Path, adapters: int, hidden: int, layers: int) -> tuple[P
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     base_dir = root / "base"
     model = LlamaForCausalLM(config)
+    with torch.no_grad():  # EOS's logit is 0, below the best of the random others: every request runs its length
+        model.lm_head.weight[tokenizer.eos_token_id].zero_()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(base_dir))
     tokenizer.save_pretrained(str(base_dir))
@@ -148,11 +150,12 @@ async def load(url: str, models: list[str], requests: int, clients: int, max_tok
             body = {"model": models[i % len(models)], "prompt": prompts[i], "max_tokens": max_tokens,
                     "temperature": 0}
             start = time.perf_counter()
-            try:
-                tokens += await complete(client, url, body, stream=bool(every) and i % every == every - 1)
+            try:  # (not `tokens += await ...`: that reads `tokens` before the await and loses other clients' counts)
+                got = await complete(client, url, body, stream=bool(every) and i % every == every - 1)
             except (httpx.HTTPError, RuntimeError):
                 failures += 1
                 continue
+            tokens += got
             latencies.append(time.perf_counter() - start)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)

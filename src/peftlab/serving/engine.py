@@ -23,6 +23,7 @@ models whose generation config asks for more logits processing than sampling.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class Cohort:
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None  # [rows, cached tokens]
     positions: torch.Tensor | None = None  # [rows]: the position of each row's next input
+    eos: set[int] | None = None  # the ids that end a row (read once)
 
 
 class Engine:
@@ -333,18 +335,20 @@ class Engine:
 
     def _advance(self, cohort: Cohort, logits: torch.Tensor, deliver) -> None:
         """Pick each row's next token; finished rows are delivered and leave the cohort."""
+        greedy = logits.argmax(dim=-1).tolist()  # one call for the batch; sampled rows are picked row by row
+        eos = cohort.eos if cohort.eos is not None else eos_ids(cohort.model, cohort.rows[0].adapter.tokenizer)
+        cohort.eos = eos
         keep = []
-        for i, (row, scores) in enumerate(zip(cohort.rows, logits)):
-            token = _pick(row, scores)
+        for i, row in enumerate(cohort.rows):
+            token = _sample(row, logits[i]) if row.decoding.do_sample else greedy[i]
             row.ids.append(token)
             tokenizer = row.adapter.tokenizer
-            eos = eos_ids(cohort.model, tokenizer)
             if row.stream is not None:
                 row.stream.add([token])
-            stop = list(row.decoding.stop)
+            stop = row.decoding.stop
             hit_stop = bool(stop) and any(s in tokenizer.decode(row.ids, skip_special_tokens=True) for s in stop)
             if token in eos or hit_stop or len(row.ids) >= row.limit:
-                result = finished(tokenizer, row.ids, stop, row.limit, eos)
+                result = finished(tokenizer, row.ids, list(stop), row.limit, eos)
                 if row.stream is not None:
                     row.stream.send(result["text"])
                 deliver(row, result)
@@ -391,11 +395,9 @@ def _merge(old: Cohort, new: Cohort) -> Cohort:
     return old
 
 
-def _pick(row: Row, scores: torch.Tensor) -> int:
-    """The row's next token: greedy, or sampled with transformers' own warpers (as generate() samples)."""
+def _sample(row: Row, scores: torch.Tensor) -> int:
+    """A sampled next token, with transformers' own warpers (as generate() samples)."""
     decoding = row.decoding
-    if not decoding.do_sample:
-        return int(scores.argmax())
     config = getattr(row.adapter.group.model if row.adapter.group else None, "generation_config", None)
     top_k = getattr(config, "top_k", 50) or 0
     warpers = LogitsProcessorList()
@@ -410,22 +412,31 @@ def _pick(row: Row, scores: torch.Tensor) -> int:
     return int(torch.multinomial(torch.softmax(warped, dim=-1), 1))
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_parameters(forward_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(forward_type.forward).parameters)
+
+
+def _parameters(model) -> frozenset[str]:
+    """The base model's forward parameters (read once per model class)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_parameters(type(target))
+
+
 def _cache_argument(model) -> str:
     """The forward's name for the KV cache: ``cache`` since transformers 5.x, ``past_key_values`` before."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _parameters(model) else "past_key_values"
 
 
 def _last_logits_only(model) -> dict[str, Any]:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(target.forward).parameters else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _parameters(model) else {}
 
 
 def _supports(model) -> bool:
     """A decoder-only model this loop decodes as generate() does: plain dynamic cache layers, no extra processing."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(target.forward).parameters
-    if not {"position_ids", "attention_mask"} <= set(params) or _cache_argument(model) not in params:
+    params = _parameters(model)
+    if not {"position_ids", "attention_mask"} <= params or _cache_argument(model) not in params:
         return False
     try:
         cache = DynamicCache(config=target.config)
