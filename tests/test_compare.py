@@ -73,7 +73,7 @@ def test_every_technique_and_seed_has_a_row_with_sane_values(all_methods):
     for row in result.rows:
         assert row["status"] == "ok" and row["error"] is None
         assert row["main_metric"] == "accuracy" and 0 <= row["main_value"] <= 1
-        assert row["metrics"]["accuracy"] == row["main_value"] and "f1" in row["metrics"]
+        assert row["metrics"]["accuracy"] == row["main_value"] and "f1_binary" in row["metrics"]
         assert 0 < row["trainable_params"] < row["total_params"]
         assert row["trainable_share"] == pytest.approx(row["trainable_params"] / row["total_params"])
         assert row["learning_rate"] == METHODS[row["method"]].learning_rate_for(row["task"])
@@ -115,8 +115,11 @@ def test_outputs_json_csv_markdown(all_methods):
     assert float(table[0]["metric_accuracy"]) == all_methods.rows[0]["main_value"]
     assert int(table[0]["adapter_bytes"]) == all_methods.rows[0]["adapter_bytes"]
     markdown = (out / "results.md").read_text()
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| *")]
     assert len(lines) == 1 + len(CLASSIC)  # header + one line per method (seeds averaged)
+    references = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| *")]
+    assert references == ["*majority class*", "*untrained adapter*"]  # below the methods (tests/test_compare_baselines.py)
+    assert set(saved["baselines"]) == {"majority", "untrained"} and saved["verdict"]["headline"]
     lora = next(line for line in lines if line.startswith("| lora |"))
     mean = (all_methods.rows[0]["main_value"] + all_methods.rows[1]["main_value"]) / 2
     assert f"{mean:.4f} ± " in lora and "(n=2)" in lora
@@ -202,7 +205,7 @@ def test_learning_rates_overrides_and_sweep(base_raw, tmp_path):
     assert (lora.learning_rate, lora.lr_source) == (5e-4, "config")  # the config's lr is for its own method
     assert lora.config.method.options == {"r": 4} and by["ia3", 1, 1].config.method.options == {}
     assert (by["prefix", 2, 3].learning_rate, by["prefix", 2, 3].lr_source) == (0.06, "override")
-    assert by["ia3", 1, 0.3].learning_rate == pytest.approx(METHODS["ia3"].learning_rate * 0.3)
+    assert by["ia3", 1, 0.3].learning_rate == pytest.approx(METHODS["ia3"].learning_rate_for("seq-cls") * 0.3)
     assert by["ia3", 1, 1].lr_source == "default"
     assert by["lora", 1, 1].config.training.batch_size == 8 and by["prompt", 1, 1].config.training.batch_size == 4
     assert by["prefix", 2, 0.3].name == "prefix-seed2-lr0.006"
@@ -214,7 +217,8 @@ def test_learning_rates_overrides_and_sweep(base_raw, tmp_path):
 
 def test_lr_sweep_marks_the_best_rate(base_raw, tmp_path):
     result = compare(build_config(base_raw), methods=["ia3"], lr_sweep=3, out_dir=tmp_path / "cmp", progress=False)
-    assert [row["name"] for row in result.rows] == ["ia3-seed0-lr0.0024", "ia3-seed0-lr0.008", "ia3-seed0-lr0.024"]
+    rate = METHODS["ia3"].learning_rate_for("seq-cls")
+    assert [row["name"] for row in result.rows] == [f"ia3-seed0-lr{rate * f:.3g}" for f in (0.3, 1, 3)]
     best = max(result.rows, key=lambda row: row["main_value"])
     marked = [line for line in (tmp_path / "cmp" / "results.md").read_text().splitlines() if "★ |" in line]
     assert len(marked) == 1 and f"| {best['learning_rate']:g} ★ |" in marked[0]

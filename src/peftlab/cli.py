@@ -126,6 +126,11 @@ def eval_(
     set_: SetOpt = None,
     base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Classifiers: per-class precision / recall / F1 / "
+                                                          "support and the confusion matrix, also written as JSON "
+                                                          "and PNG to RUN_DIR/reports/SPLIT/.")] = False,
+    report_dir: Annotated[Optional[Path], typer.Option("--report-dir", help="With --report: write the report "
+                                                                            "here instead.")] = None,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadOpt = None,
@@ -134,8 +139,21 @@ def eval_(
     """Metrics of a saved adapter on its evaluation split, another split or a file."""
     from peftlab import evaluate
 
+    options = _model_options(device_map, max_memory, offload_folder, quantize)
+    if report_dir is not None and not report:
+        raise PeftlabError("--report-dir goes with --report", "add --report")
+    if report:
+        from peftlab.eval_report import classification_report
+
+        result = classification_report(adapter_dir, data=data, split=split, overrides=list(set_ or []), base=base,
+                                       model_options=options, output_dir=report_dir)
+        if as_json:
+            out.print_json(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            _print_report(adapter_dir, result)
+        return
     metrics = evaluate(adapter_dir, data=data, split=split, overrides=list(set_ or []), base=base,
-                       model_options=_model_options(device_map, max_memory, offload_folder, quantize))
+                       model_options=options)
     if as_json:
         out.print_json(json.dumps(metrics))
         return
@@ -146,6 +164,40 @@ def eval_(
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if key != "samples" else f"{value:.0f}")
     out.print(table)
+
+
+def _print_report(adapter_dir: Path, report) -> None:
+    """``peftlab eval --report``: the metrics, the per-class table and the confusion matrix."""
+    out.print(f"[bold]{escape(str(adapter_dir))}[/bold] on {escape(report.source)}")
+    metrics = Table()
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for key, value in report.metrics.items():
+        metrics.add_row(key, f"{value:.4f}" if key != "samples" else f"{value:.0f}")
+    out.print(metrics)
+    per_class = Table(title="per class", title_justify="left")
+    for name in ("label", "precision", "recall", "f1", "support"):
+        per_class.add_column(name, justify="left" if name == "label" else "right")
+    for row in report.classes:
+        per_class.add_row(escape(row.label), f"{row.precision:.4f}", f"{row.recall:.4f}", f"{row.f1:.4f}",
+                          str(row.support), style="red" if row.support and row.recall < 0.5 else None)
+    per_class.add_section()
+    for name, average in (("macro avg", report.macro), ("weighted avg", report.weighted)):
+        per_class.add_row(name, f"{average['precision']:.4f}", f"{average['recall']:.4f}", f"{average['f1']:.4f}",
+                          str(report.samples))
+    per_class.add_row("accuracy", "", "", f"{report.accuracy:.4f}", str(report.samples))
+    out.print(per_class)
+    confusion = Table(title="confusion matrix", title_justify="left")
+    confusion.add_column("true \\ predicted")
+    for label in report.labels:
+        confusion.add_column(escape(label), justify="right")
+    for i, (label, row) in enumerate(zip(report.labels, report.confusion)):
+        confusion.add_row(escape(label), *[f"[bold]{n}[/bold]" if i == j else str(n) for j, n in enumerate(row)])
+    out.print(confusion)
+    if report.positive_label is not None:
+        out.print(f"f1_binary is the F1 of the positive class \"{escape(report.positive_label)}\" (the second label)")
+    for kind, path in report.files.items():
+        out.print(f"{kind}: {escape(path)}")
 
 
 @app.command()
@@ -309,8 +361,14 @@ def compare(
                                                "x3; the best is marked.")] = 1,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="The comparison folder; finished runs in it are "
                                                              "kept and skipped.")] = Path("runs/compare"),
+    repeat_timing: Annotated[int, typer.Option(min=0, help="After each run, measure its training speed again N times "
+                                                           "(up to 20 steps each, no evaluation); the table shows "
+                                                           "the median ± half the range.")] = 0,
 ) -> None:
-    """Train several techniques on the same model, data, budget and seeds; compare metrics, size, memory, speed."""
+    """Train several techniques on the same model, data, budget and seeds; compare metrics, size, memory, speed.
+
+    The table ends with the references (majority class, base model without adapter, untrained adapter) and the
+    command says whether any method beat them, and what to run next when none did."""
     from peftlab import compare as run
     from peftlab import load_config
     from peftlab.checkpoint import TrainingInterrupted
@@ -320,21 +378,29 @@ def compare(
     try:
         result = run(base, methods=plan.parse_list(methods, "--methods"), seeds=plan.parse_seeds(seeds),
                      method_overrides=plan.parse_method_overrides(list(set_method or [])), lr_sweep=lr_sweep,
-                     out_dir=out_dir)
+                     out_dir=out_dir, repeat_timing=repeat_timing, command=["peftlab", *sys.argv[1:]])
     except (KeyboardInterrupt, TrainingInterrupted):  # the run in progress restarts on the next call
         err.print(f"interrupted: finished runs are kept in {out_dir} (results.json, report.html); "
                   "run the same command again to continue", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    summary = report.summarize(result.rows)
+    summary = report.summarize(result.rows, result.baselines)
     headers, body = report.table(summary)
+    references = report.reference_rows(summary)
     table = Table(title=f"peftlab compare: {base.model.name}, {base.task}", title_justify="left")
     for header in headers:
         table.add_column(header, justify="left" if header in {"method", "learning rate"} else "right")
-    for row in body:
-        table.add_row(*row)
+    for i, row in enumerate(body):
+        table.add_row(*row, end_section=i == len(body) - 1 and bool(references))
+    for row in references:
+        table.add_row(*row, style="dim italic")
     (out if out.is_terminal else Console(width=150)).print(table)  # a log or a pipe: room for every column
     for note in report.notes(summary):
         out.print(note, style="dim", markup=False, highlight=False, soft_wrap=True)
+    if result.verdict:
+        style = "bold green" if result.verdict.level == "ok" else "bold yellow"
+        out.print()
+        for i, line in enumerate(result.verdict.lines()):
+            out.print(line, style=style if i == 0 else None, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {result.report}  (also results.json, results.csv, results.md in {out_dir})", soft_wrap=True)
     if result.failed:
         raise typer.Exit(1)

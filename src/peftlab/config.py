@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,6 +181,9 @@ class TrainingConfig(_Section):
     eval_steps: int | None = Field(None, ge=1, description="With eval_strategy=steps.")
     keep: Literal["best", "last"] = Field("best", description="Which adapter ends in output_dir.")
     metric_for_best: str | None = Field(None, description="Default: the task's main metric.")
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        None, description="Classification: weight the training loss per class; balanced = n_samples / (n_classes * "
+                          "count) as scikit-learn, or a mapping label -> weight (labels left out: 1).")
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
     progress: bool = True
@@ -193,6 +197,21 @@ class TrainingConfig(_Section):
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, value: Any) -> Any:
+        if value is None or value == "balanced":
+            return value
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f'must be "balanced" or a mapping label: weight (e.g. {{positive: 3}}), not {value!r}')
+        # YAML reads label names such as 0 / 1 / true as numbers or booleans: compare them as text
+        weights = {str(k).lower() if isinstance(k, bool) else str(k): v for k, v in value.items()}
+        bad = {k: v for k, v in weights.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"class weights must be positive numbers: {bad}")
+        return {k: float(v) for k, v in weights.items()}
 
     @model_validator(mode="after")
     def _eval_steps(self) -> TrainingConfig:

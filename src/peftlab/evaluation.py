@@ -21,7 +21,8 @@ import torch
 from peftlab.checkpoint import TrainingState, trainable_weights
 from peftlab.config import DataConfig
 from peftlab.errors import ConfigError
-from peftlab.tasks.base import LOWER_IS_BETTER
+from peftlab.progress import note
+from peftlab.tasks.base import LOWER_IS_BETTER, current_metric
 
 
 @contextmanager
@@ -71,6 +72,11 @@ class Evaluator:
     def record(self, state: TrainingState, steps_per_epoch: int) -> dict[str, Any]:
         """Evaluate at ``state.step``, add the entry to the history, keep the weights if they are the best yet."""
         metrics = self.evaluate()
+        renamed = current_metric(self.main_metric, metrics)
+        if renamed is not None and renamed != self.main_metric:  # a config of an older version ("f1")
+            if self.accelerator.is_main_process:
+                note(f'training.metric_for_best "{self.main_metric}" is named "{renamed}" now: keeping the best by it')
+            self.main_metric = renamed
         if self.main_metric not in metrics:
             raise ConfigError(f'training.metric_for_best "{self.main_metric}" is not a metric of this task',
                               f"metrics: {', '.join(metrics)}")

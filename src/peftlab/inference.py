@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +78,31 @@ def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "
     ``offload_folder``, ``quantization``; docs/big-models.md).
     """
     loaded = load_adapter(adapter_dir, base=base, device=device, model_options=model_options)
+    inputs = evaluation_inputs(loaded, data=data, split=split, overrides=overrides)
+    return loaded.task.evaluate(loaded.model, loaded.tokenizer, inputs.raw, inputs.encoded, inputs.data, loaded.meta,
+                                inputs.max_length, batch_size)
+
+
+@dataclass
+class EvaluationInputs:
+    """What a loaded adapter is evaluated on: the data config, the raw rows and their features."""
+
+    data: DataConfig
+    raw: datasets.Dataset
+    encoded: datasets.Dataset
+    max_length: int
+
+
+def evaluation_inputs(loaded: LoadedAdapter, *, data: str | None = None, split: str = "eval",
+                      overrides: list[str] | None = None) -> EvaluationInputs:
+    """The rows :func:`evaluate` scores (the run's ``split`` or the file ``data``), encoded by the run's task."""
     cfg = data_config(loaded, data, overrides)
     dataset = _dataset(loaded, cfg, data, split)
     if len(dataset) == 0:
         raise DataError("the evaluation data is empty")
     max_length = _max_length(loaded, cfg)
     encoded = loaded.task.encode(dataset, loaded.tokenizer, cfg, loaded.meta, max_length, "the evaluation data")
-    return loaded.task.evaluate(loaded.model, loaded.tokenizer, dataset, encoded, cfg, loaded.meta, max_length,
-                                batch_size)
+    return EvaluationInputs(cfg, dataset, encoded, max_length)
 
 
 def _loaded(source: Any) -> LoadedAdapter | None:

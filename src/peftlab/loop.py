@@ -125,6 +125,8 @@ class Loop:
     training: TrainingConfig
     steps_per_epoch: int
     total_steps: int
+    # the training loss as loss(model, batch) (a classifier's class weights); None: the model's own loss
+    loss: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None
 
 
 @dataclass
@@ -157,7 +159,7 @@ def fit(loop: Loop, state: TrainingState, evaluator: Evaluator, checkpointer: Ch
             for batch in batches:
                 state.batch += 1
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = loop.loss(model, batch) if loop.loss else model(**batch).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and training.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable, training.max_grad_norm)

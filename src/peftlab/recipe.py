@@ -31,6 +31,11 @@ def check_config(config: RunConfig) -> RunConfig:
     spec = get_method(config.method.name)  # a MethodError with a did-you-mean
     spec.check_options(config.method.options)
     spec.check_task(config.task)
+    if config.training.class_weights is not None and (not TASKS[config.task].classifies or config.data.regression):
+        raise ConfigError("training.class_weights weights a classifier's loss per class; "
+                          + (f"a {config.task} run has no classes" if not TASKS[config.task].classifies
+                             else "a regression run (data.regression) has no classes"),
+                          "leave training.class_weights out (null)")
     return config
 
 

@@ -98,6 +98,7 @@ class RunRecord:
     fast_path: dict[str, Any] | None = None  # fastpath's resolved switches
     num_processes: int | None = None
     notes: list[str] | None = None
+    class_weights: dict[str, float] | None = None  # training.class_weights resolved: label -> weight
     base: dict[str, Any] | None = None  # model.base_signature: model_type, hidden_size, vocab_size (rows)
     versions: dict[str, str] | None = None  # library_versions()
     created: str | None = None  # ISO 8601, UTC

@@ -38,7 +38,8 @@ from peftlab.loop import Clock, Fitted, Loop, build_optimizer, build_scheduler, 
 from peftlab.method_stage import build_model, count_parameters, mixed_precision
 from peftlab.methods import MethodSpec, get_method
 from peftlab.model import load_model_config, load_tokenizer, max_positions
-from peftlab.tasks import get_task
+from peftlab.progress import warn
+from peftlab.tasks import balance, get_task
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Prepared:
     total: int
     notes: list[str]
     initial_adapter: dict[str, torch.Tensor] | None  # PiSSA / OLoRA: the starting values, for the conversion
+    class_weights: dict[str, float] | None = None  # training.class_weights resolved per label (None: unweighted)
 
     @property
     def accelerator(self) -> Accelerator:
@@ -166,12 +168,13 @@ def prepare(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
     with accelerator.main_process_first():  # the others then reuse the main process's dataset cache
         splits = load_splits(config.data, seed=training.seed)
     meta = task.inspect(splits, config.data)
+    loss, weights, balance_notes = _class_balance(config, task, splits["train"], meta, accelerator.is_main_process)
 
     # model and method
     model, base, peft_config = build_model(config, task, spec, meta, tokenizer, fast)
     trainable, total = count_parameters(model)
     initial_adapter = artifacts.initial_adapter_state(model) if spec.converts_on_save else None
-    notes: list[str] = list(fast.notes)
+    notes: list[str] = list(fast.notes) + balance_notes
     reserved = getattr(peft_config, "num_virtual_tokens", 0) if spec.prompt_learning else 0
     max_length = min(config.data.max_length, max_positions(base.config, tokenizer) - reserved)
     if max_length < config.data.max_length:
@@ -200,9 +203,29 @@ def prepare(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
     evaluator = Evaluator(task, accelerator.unwrap_model(model), tokenizer, splits["eval"], eval_set, config.data,
                           meta, max_length, training.eval_batch_size,
                           training.metric_for_best or task.main_metric(meta), training.keep, accelerator, model)
-    loop = Loop(accelerator, model, optimizer, scheduler, loader, spec, training, steps_per_epoch, steps)
+    loop = Loop(accelerator, model, optimizer, scheduler, loader, spec, training, steps_per_epoch, steps, loss)
     return Prepared(config, spec, task, meta, tokenizer, loop, evaluator, state, resume_from is not None, precision,
-                    fast, max_length, trainable, total, notes, initial_adapter)
+                    fast, max_length, trainable, total, notes, initial_adapter, weights)
+
+
+def _class_balance(config: RunConfig, task, train_rows, meta: dict[str, Any], main_process: bool):
+    """A classifier's training labels: one warning when imbalanced; ``training.class_weights`` resolved.
+
+    Returns the loss with the class weights (None: the model's own), the weights per label (None) and notes.
+    """
+    counts = task.label_counts(train_rows, config.data, meta) if task.classifies else {}
+    warning = balance.imbalance_warning(counts, config.training.class_weights) if counts else None
+    if warning and main_process:
+        warn(warning)
+    setting = config.training.class_weights
+    if setting is None:
+        return None, None, []
+    if not counts:
+        raise ConfigError("training.class_weights weights a classifier's loss per class; this run has no classes",
+                          "leave training.class_weights out (null)")
+    weights = balance.class_weights(setting, counts)
+    return (task.loss_function(list(weights.values())), weights,
+            [balance.weights_note(weights, setting, counts)])
 
 
 def _finish(run: Prepared, fitted: Fitted, staging: Path | None,
@@ -234,7 +257,7 @@ def _finish(run: Prepared, fitted: Fitted, staging: Path | None,
         trainable_params=run.trainable, total_params=run.total, train_seconds=round(fitted.seconds, 2),
         steps=state.step, kept={"which": config.training.keep, **{k: final[k] for k in ("step", "epoch")}},
         max_length=run.max_length, precision=run.precision, fast_path=run.fast.record(),
-        num_processes=accelerator.num_processes, notes=notes)
+        num_processes=accelerator.num_processes, notes=notes, class_weights=run.class_weights)
     if run.spec.full and not sharded:
         weights = None  # the kept weights are in the model (copied above): save it whole, buffers included
     artifacts.save_run(staging, unwrapped, run.tokenizer, config, record,

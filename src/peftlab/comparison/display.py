@@ -15,8 +15,12 @@ from peftlab.progress import console
 def _outcome(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"[red]failed[/red]: {escape(row['error'].splitlines()[0])}"
-    return (f"{row['main_metric']} {row['main_value']:.4f}, {row['trainable_params']:,} trainable, "
-            f"{row['wall_seconds']:.0f} s")
+    before = row.get("initial_value")
+    return (f"{row['main_metric']} {row['main_value']:.4f}" + (f" (before training {before:.4f})" if before is not None
+                                                               else "")
+            + f", {row['trainable_params']:,} trainable, {row['wall_seconds']:.0f} s"
+            + (f" [yellow](under load: other processes {row['other_cpu_cores']:.2f} cores)[/yellow]"
+               if row.get("under_load") else ""))
 
 
 class CompareProgress:
@@ -40,6 +44,10 @@ class CompareProgress:
     def _line(self, text: str) -> None:
         if self.enabled:
             self._progress.console.print(text, highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """A line of its own (rich markup), e.g. a baseline."""
+        self._line(text)
 
     def start(self, run: PlannedRun) -> None:
         self._progress.reset(self._steps, total=run.config.training.max_steps, visible=True,

@@ -1,5 +1,6 @@
-"""The report's figures (matplotlib, Agg backend): metric vs trainable parameters, peak
-memory, throughput and loss curves, one PNG each."""
+"""The report's figures (matplotlib, Agg backend): metric vs trainable parameters (with the references as
+dashed lines: majority class, base model without adapter; the untrained adapters as a dotted line or band),
+peak memory, throughput and loss curves, one PNG each."""
 
 from __future__ import annotations
 
@@ -25,6 +26,30 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+REFERENCE_STYLES = {"majority": "#3b3b3b", "base_model": "#a23b72"}
+
+
+def reference_lines(summary: Summary, ax) -> int:
+    """The references on the main metric's axis: dashed lines (majority class, base model), the untrained adapters
+    dotted (a band from the lowest to the highest); returns how many were drawn."""
+    drawn = 0
+    for key, color in REFERENCE_STYLES.items():
+        ref = summary.baselines.get(key)
+        value = ((ref or {}).get("metrics") or {}).get(summary.main_metric)
+        if value is not None:
+            ax.axhline(value, color=color, linestyle="--", linewidth=1.2, label=f"{ref['name']}: {value:.4f}")
+            drawn += 1
+    untrained = summary.baselines.get("untrained")
+    if untrained and untrained.get("metric") == summary.main_metric:
+        low, high = untrained["low"], untrained["high"]
+        if high > low:
+            ax.axhspan(low, high, color="#9aa3ad", alpha=0.18, label=f"{untrained['name']}s: {low:.4f}–{high:.4f}")
+        else:
+            ax.axhline(low, color="#9aa3ad", linestyle=":", linewidth=1.2, label=f"{untrained['name']}: {low:.4f}")
+        drawn += 1
+    return drawn
+
+
 def metric_vs_params(summary: Summary, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for g in summary.groups:
@@ -40,6 +65,8 @@ def metric_vs_params(summary: Summary, path: Path) -> Path:
     ax.set_title(f"{summary.main_metric} vs trainable parameters" + (" (mean ± sd over seeds)" if summary.seeds > 1
                                                                       else ""))
     ax.grid(alpha=0.3)
+    if reference_lines(summary, ax):
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False, ncol=2)
     return _save(fig, path)
 
 

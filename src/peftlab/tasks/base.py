@@ -9,6 +9,7 @@ never knows which PEFT method is in use. Each family keeps its ``meta`` typed (:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, Self, Union, runtime_checkable
 
 import datasets
@@ -21,6 +22,34 @@ from peftlab.placement import input_device
 
 # metrics where lower is better (best-evaluation keeping, comparisons); every other metric: higher is better
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse"})
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a model that learned nothing scores on the evaluation split (:meth:`Task.baseline`).
+
+    ``metrics`` has the family's own metric names (those ``evaluate`` reports, ``samples`` included),
+    computed by the family's own metric code on the constant predictions; ``classes`` is the number
+    of distinct outputs a model must tell apart (labels, label-like targets), None for free text or
+    a regression.
+    """
+
+    name: str  # a table row's label: "majority class"
+    description: str  # what it predicts: 'always "positive", the train split's most common label: 131 of 256 rows'
+    metrics: dict[str, float]
+    classes: int | None = None
+
+
+# metrics that were renamed: the old name -> the names it became (runs and configs of older versions use
+# the old one). seq-cls "f1" was binary F1 (positive class: the second label) for two labels, macro F1 otherwise.
+RENAMED_METRICS: dict[str, tuple[str, ...]] = {"f1": ("f1_binary", "f1_macro")}
+
+
+def current_metric(name: str, metrics: Mapping[str, Any]) -> str | None:
+    """The name ``name`` has among ``metrics``: itself, what an old name became, or None (not a metric of these)."""
+    if name in metrics:
+        return name
+    return next((new for new in RENAMED_METRICS.get(name, ()) if new in metrics), None)
 
 
 # --- typed meta ------------------------------------------------------------------------------
@@ -104,6 +133,12 @@ class Task(Protocol):
     def meta_from_adapter(self, tensors: dict[str, tuple[int, ...]], base_config: Any) -> dict[str, Any]:
         """Rebuild ``meta`` (dict form) for an adapter made by plain peft (no peftlab record)."""
 
+    def baseline(self, splits: dict[str, datasets.Dataset], data: DataConfig, meta: Meta) -> Baseline | None:
+        """What a model that learned nothing scores on ``splits["eval"]``, learned from ``splits["train"]`` alone
+        (classifiers: the training split's most common label for every row; label-like generation: its most
+        common answer); None where no such formula exists (free text, plain text): there the base model without
+        an adapter is the reference, and it is a measurement (peftlab.comparison.baselines)."""
+
 
 # --- what serving needs ------------------------------------------------------------------------
 
@@ -127,7 +162,8 @@ class ServingTask(Task, Protocol):
 
 @runtime_checkable
 class Classifier(Protocol):
-    """Serving's side of a family that ``classifies``: encode, one padded forward pass, one record per row."""
+    """A family that ``classifies``: serving's side (encode, one padded forward pass, one record per row),
+    and training and evaluation by class (label counts, a class-weighted loss, per-class outcomes)."""
 
     def labels(self, meta: Meta) -> list[str]:
         """The names of the head's outputs (one per output; a regression's single score: its label column)."""
@@ -143,6 +179,20 @@ class Classifier(Protocol):
     def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: Meta,
                probabilities: bool = False) -> dict[str, Any]:
         """One prediction from a row's logits (label and score, or a regression score), as ``predict`` gives it."""
+
+    # training and evaluation by class (training.class_weights, peftlab eval --report)
+
+    def label_counts(self, raw: datasets.Dataset, data: DataConfig, meta: Meta) -> dict[str, int]:
+        """Rows per label of raw data, every label in the head's order (``{}``: no classes, e.g. regression)."""
+
+    def loss_function(self, weights: list[float]) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]],
+                                                             torch.Tensor]:
+        """The training loss with one weight per label (head order), as ``loss(model, batch)``."""
+
+    def label_outcomes(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, raw: datasets.Dataset,
+                       encoded: datasets.Dataset, data: DataConfig, meta: Meta,
+                       batch_size: int) -> tuple[dict[str, float], Any, Any]:
+        """``evaluate``'s metrics and the gold and predicted label ids behind them; ConfigError without classes."""
 
 
 @runtime_checkable

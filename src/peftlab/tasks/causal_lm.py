@@ -13,6 +13,7 @@ Three data modes, chosen by the data config:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base
 from peftlab.progress import warn
 from peftlab.tasks import generation as gen
-from peftlab.tasks.base import Meta, mean_loss
+from peftlab.tasks.base import Baseline, Meta, mean_loss
 from peftlab.tasks.generation import GenerationMeta
 
 
@@ -214,6 +215,27 @@ class CausalLM:
 
     def meta_for_base(self) -> dict[str, Any]:
         return GenerationMeta(mode="text").to_dict()
+
+    def baseline(self, splits, data, meta) -> Baseline | None:
+        """Label-like completions (or chat answers): the train split's most common one answered for every eval row,
+        scored by the text metrics ``evaluate`` uses (free text, plain text: None; the base model is the reference
+        there)."""
+        meta = _with_mode(meta, data)
+        if meta.mode == "text" or not meta.label_like:
+            return None
+
+        def targets(split: str) -> list[str]:
+            if meta.mode == "chat":
+                return [self._split_chat(m, f"the {split} split")[1] for m in splits[split][data.messages_column]]
+            return gen.check_targets(splits[split], data, f"the {split} split")
+
+        train, references = Counter(t.strip() for t in targets("train")), targets("eval")
+        answer, count = train.most_common(1)[0]
+        return Baseline("majority answer", f'always "{answer}", the train split\'s most common answer: {count:,} of '
+                                           f"{sum(train.values()):,} rows",
+                        {"samples": float(len(references)),
+                         **gen.text_metrics([answer] * len(references), references, label_like=True)},
+                        classes=len(meta.targets))
 
 
 class _PackedCollator:

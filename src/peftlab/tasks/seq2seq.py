@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq
@@ -11,7 +12,7 @@ from peftlab.errors import ConfigError
 from peftlab.model import load_base
 from peftlab.progress import warn
 from peftlab.tasks import generation as gen
-from peftlab.tasks.base import Meta, mean_loss
+from peftlab.tasks.base import Baseline, Meta, mean_loss
 from peftlab.tasks.generation import GenerationMeta
 
 
@@ -105,3 +106,18 @@ class Seq2Seq:
 
     def meta_for_base(self) -> dict[str, Any]:
         return GenerationMeta(mode="seq2seq").to_dict()
+
+    def baseline(self, splits, data, meta) -> Baseline | None:
+        """Label-like targets: the train split's most common target answered for every eval row, scored by the
+        text metrics ``evaluate`` uses (free text: None; the base model is the reference there)."""
+        meta = GenerationMeta.of(meta)
+        if not meta.label_like:
+            return None
+        train = Counter(t.strip() for t in gen.check_targets(splits["train"], data, "the train split"))
+        references = gen.check_targets(splits["eval"], data, "the eval split")
+        answer, count = train.most_common(1)[0]
+        return Baseline("majority answer", f'always "{answer}", the train split\'s most common target: {count:,} of '
+                                           f"{sum(train.values()):,} rows",
+                        {"samples": float(len(references)),
+                         **gen.text_metrics([answer] * len(references), references, label_like=True)},
+                        classes=len(meta.targets))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,9 +17,9 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from peftlab.config import DataConfig, ModelConfig
 from peftlab.data import require_columns, require_text
-from peftlab.errors import DataError
+from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base
-from peftlab.tasks.base import Meta, model_device
+from peftlab.tasks.base import Baseline, Meta, model_device
 from peftlab.progress import warn
 
 _HEAD_NAMES = ("classifier", "score")
@@ -226,19 +227,38 @@ class SequenceClassification:
         return logits, labels, loss
 
     def evaluate(self, model, tokenizer, raw, encoded, data, meta, max_length, batch_size):
+        meta = ClassificationMeta.of(meta)
+        if not meta.regression:
+            return self.label_outcomes(model, tokenizer, raw, encoded, data, meta, batch_size)[0]
+        logits, labels, loss = self._scored(model, tokenizer, raw, encoded, data, batch_size)
+        result: dict[str, float] = {"loss": loss, "samples": float(len(labels))}
+        pred, gold = logits.squeeze(-1).numpy(), labels.numpy()
+        result["pearson"] = float(stats.pearsonr(pred, gold)[0])
+        result["spearman"] = float(stats.spearmanr(pred, gold)[0])
+        result["mse"] = float(np.mean((pred - gold) ** 2))
+        return result
+
+    def _scored(self, model, tokenizer, raw, encoded, data, batch_size):
         from torch.utils.data import DataLoader
 
-        meta = ClassificationMeta.of(meta)
         batches = DataLoader(encoded, batch_size=batch_size, collate_fn=self.collator(tokenizer))
         require_columns(raw, {"label_column": data.label_column}, "the evaluation data")
-        logits, labels, loss = self._logits(model, batches)
-        result: dict[str, float] = {"loss": loss, "samples": float(len(labels))}
+        return self._logits(model, batches)
+
+    def label_outcomes(self, model, tokenizer, raw, encoded, data, meta, batch_size):
+        """``evaluate``'s metrics with the gold and predicted label ids behind them (numpy arrays).
+
+        F1 is named for what it averages: ``f1_binary`` (two labels: F1 of the positive class, the
+        second label, ``labels[1]``) or ``f1_macro`` (the unweighted mean over the labels present in the
+        gold or predicted labels, scikit-learn's default); micro F1
+        equals accuracy for single-label classification, so it is not reported.
+        """
+        meta = ClassificationMeta.of(meta)
         if meta.regression:
-            pred, gold = logits.squeeze(-1).numpy(), labels.numpy()
-            result["pearson"] = float(stats.pearsonr(pred, gold)[0])
-            result["spearman"] = float(stats.spearmanr(pred, gold)[0])
-            result["mse"] = float(np.mean((pred - gold) ** 2))
-            return result
+            raise ConfigError("a regression run predicts a number per row: it has no classes to report",
+                              "its metrics (pearson, spearman, mse) are those of peftlab eval without --report")
+        logits, labels, loss = self._scored(model, tokenizer, raw, encoded, data, batch_size)
+        result: dict[str, float] = {"loss": loss, "samples": float(len(labels))}
         pred, gold = logits.argmax(-1).numpy(), labels.numpy()
         binary = len(meta.labels) == 2
         present = sorted(set(gold.tolist()))
@@ -250,10 +270,41 @@ class SequenceClassification:
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", RuntimeWarning)
             result["accuracy"] = float(skm.accuracy_score(gold, pred))
-            result["f1"] = float(skm.f1_score(gold, pred, average="binary" if binary else "macro",
-                                              zero_division=0))
+            f1 = "f1_binary" if binary else "f1_macro"
+            result[f1] = float(skm.f1_score(gold, pred, average="binary" if binary else "macro", zero_division=0))
             result["mcc"] = float(skm.matthews_corrcoef(gold, pred))
-        return result
+        return result, gold, pred
+
+    # --- class balance (training.class_weights; peftlab.tasks.balance) ------------------
+
+    def label_counts(self, raw: datasets.Dataset, data: DataConfig, meta: Meta) -> dict[str, int]:
+        """Rows per label of raw data (every label, in the head's order); a regression run: ``{}``."""
+        meta = ClassificationMeta.of(meta)
+        if meta.regression:
+            return {}
+        counts = [0] * len(meta.labels)
+        for value in raw[data.label_column]:
+            index = self._label_id(value, meta)
+            if index is not None:
+                counts[index] += 1
+        return dict(zip(meta.labels, counts))
+
+    def loss_function(self, weights: list[float]):
+        """The training loss with one weight per label (head order): ``loss(model, batch) -> tensor``.
+
+        Cross-entropy as the model computes it from ``labels``, each row weighted by its class
+        (torch's weighted mean: sum of weight x loss over the sum of the weights). It reads only
+        the logits, so it is the same for every technique, prompt learning included.
+        """
+        weight = torch.tensor(weights, dtype=torch.float32)
+
+        def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            labels = batch["labels"]
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
+                                                     weight=weight.to(logits.device))
+
+        return loss
 
     def encode_rows(self, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int | None):
         """Texts (and pairs) -> token ids per row, cut at ``max_length`` (``None``: not cut)."""
@@ -302,3 +353,34 @@ class SequenceClassification:
             for row, row_logits in zip(chunk, self.logits(model, tokenizer, features)):
                 outputs.append(self.record(row[text], row[pair] if pair else None, row_logits, meta))
         return outputs
+
+    def baseline(self, splits, data, meta) -> Baseline:
+        """A model that learned nothing but the training labels' frequencies: it gives every eval row the logits
+        log(share of each label in the train split), so it predicts the majority label everywhere (ties: the
+        first label); a regression predicts the training mean. Scored by ``evaluate`` itself on those constant
+        outputs (its loss is the cross-entropy of the label shares); a constant score has no correlation, so a
+        regression's pearson / spearman are 0 (scipy: undefined)."""
+        meta = ClassificationMeta.of(meta)
+        train, gold = splits["train"][data.label_column], splits["eval"][data.label_column]
+        if meta.regression:
+            mean = float(np.mean(train))
+            outputs, labels = torch.full((len(gold), 1), mean), torch.tensor(gold, dtype=torch.float32)
+            loss = float(torch.nn.functional.mse_loss(outputs.squeeze(-1), labels))
+        else:
+            counts = torch.bincount(torch.tensor([self._label_id(v, meta) for v in train]), minlength=len(meta.labels))
+            outputs = (counts.float() / counts.sum()).clamp_min(1e-12).log().expand(len(gold), -1)
+            labels = torch.tensor([self._label_id(v, meta) for v in gold])
+            loss = float(torch.nn.functional.cross_entropy(outputs, labels))
+        constant = copy.copy(self)  # evaluate() as it is, on the constant outputs instead of a model's
+        constant._logits = lambda model, batches: (outputs, labels, loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy: "an input array is constant"
+            metrics = constant.evaluate(None, None, splits["eval"], [], data, meta, 0, 1)
+        if meta.regression:
+            metrics.update({k: 0.0 for k in ("pearson", "spearman") if not np.isfinite(metrics.get(k, 0.0))})
+            return Baseline("training mean", f"always {mean:.4g}, the train split's mean {data.label_column}",
+                            metrics)
+        majority = int(counts.argmax())
+        return Baseline("majority class", f'always "{meta.labels[majority]}", the train split\'s most common label: '
+                                          f"{int(counts[majority]):,} of {len(train):,} rows", metrics,
+                        classes=len(meta.labels))
