@@ -270,11 +270,13 @@ def test_the_docs_table_of_default_rates_is_the_registrys():
     """docs/compare.md's table says what the registry holds (each technique once)."""
     text = (Path(__file__).parents[1] / "docs" / "compare.md").read_text()
     section = text.split("## Learning rates", 1)[1].split("\n## ", 1)[0]
-    documented = {}
-    for cells in (line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")):
+    documented, seq_cls = {}, {}
+    for cells in (line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `")):
         for name in re.findall(r"`([^`]+)`", cells[0]):
             documented[name] = float(cells[1])
+            seq_cls[name] = float(cells[1]) if cells[2].strip() == "=" else float(cells[2])
     assert documented == {name: spec.learning_rate for name, spec in METHODS.items()}
+    assert seq_cls == {name: spec.learning_rate_for("seq-cls") for name, spec in METHODS.items()}
 
 
 NEW_IN_COMPARE = ["dora", "lora-plus", "pissa", "adalora", "vera", "ln-tuning", "bitfit", "full"]
