@@ -44,3 +44,20 @@ class Running:
         self.http.close()
         self.uvicorn.should_exit = True
         self.thread.join(timeout=30)
+
+
+def save_random_adapter(base, folder, config, seed: int):
+    """A plain-peft adapter on ``base`` whose trainable weights are random (so that it changes the output)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    model.save_pretrained(str(folder))
+    return folder
+

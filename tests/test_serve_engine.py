@@ -3,7 +3,6 @@ early, mix adapters, stream or get cancelled give exactly what generate() gives 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,19 +16,12 @@ from peftlab.serving.metrics import Metrics
 from peftlab.serving.registry import AdapterNotFound, Registry
 from peftlab.tasks import generation as gen
 from peftlab.testing import WORDS
+from serve_helpers import save_random_adapter
 
 GREEDY = GenerationConfig(do_sample=False)
 
 
-def _save(base: Path, folder: Path, config, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
-    with torch.no_grad():  # make each adapter change the output
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.5)
-    model.save_pretrained(str(folder))
-    return folder
+_save = save_random_adapter
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PromptTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig, PromptTuningConfig
 
 from peftlab.serving.registry import AdapterCapacity, AdapterConflict, AdapterNotFound, Registry
+from serve_helpers import save_random_adapter
 
 LORA = dict(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
 
-def _save(base: Path, folder: Path, config, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
-    with torch.no_grad():  # make each adapter change the output
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.5)
-    model.save_pretrained(str(folder))
-    return folder
+_save = save_random_adapter
 
 
 @pytest.fixture(scope="module")
