@@ -4,6 +4,8 @@ when other processes loaded the machine, and --repeat-timing."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import statistics
@@ -23,6 +25,7 @@ from peftlab.comparison.measure import LOAD_THRESHOLD, Counters, MachineLoad, un
 from peftlab.comparison.report import assess, markdown, table
 from peftlab.comparison.summary import summarize
 from peftlab.comparison.verdict import next_command
+from peftlab.methods import METHODS
 from peftlab.config import DataConfig
 from peftlab.tasks import get_task
 from peftlab.testing import chat_rows, keyword_rows, label_text_rows
@@ -132,7 +135,9 @@ def test_the_next_command_is_the_typed_one_with_a_larger_budget():
 
 def test_nothing_learned_gets_the_verdict_and_the_command_to_run_next(seq_cls_raw, keyword_data, tmp_path,
                                                                        monkeypatch, capsys):
-    """One step: no method can beat the majority class; the terminal, the report and results.json say so."""
+    """One step: no method can beat the majority class; the terminal, the report and results.json say so, with
+    what the calibration found for a technique (its registry budget hint)."""
+    monkeypatch.setitem(METHODS, "ia3", dataclasses.replace(METHODS["ia3"], budget_hints={"seq-cls": "needs 900 steps"}))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(seq_cls_raw))
     out = tmp_path / "cmp"
@@ -146,6 +151,7 @@ def test_nothing_learned_gets_the_verdict_and_the_command_to_run_next(seq_cls_ra
     assert "No method beats the majority class by more than" in printed
     assert "too few steps for 2 classes: each run saw 1 step x batch 16 = 16 training examples" in printed
     assert f"next: {command}" in printed
+    assert "ia3: needs 900 steps" in printed and "lora: " not in printed
     assert "baseline majority class: accuracy" in captured.err  # the progress display, before the runs
     table_rows = [line.split("│")[1].strip() for line in captured.out.splitlines() if line.startswith("│")]
     assert table_rows == ["lora", "ia3", "majority class", "untrained adapter"]

@@ -273,6 +273,8 @@ def methods(
                   f"mergeable: {info['mergeable']}; tasks: {', '.join(info['tasks'])}")
         out.print(f"default learning rate: {info['learning_rate']:g}" + "".join(
             f"; {task}: {rate:g}" for task, rate in (info.get("task_learning_rates") or {}).items()))
+        for task, hint in (info.get("budget_hints") or {}).items():
+            out.print(escape(f"budget ({task}): {hint}"))
         if spec.linear_only:
             out.print("layers: torch.nn.Linear only (not GPT-2-style Conv1D)")
         if info.get("architectures"):

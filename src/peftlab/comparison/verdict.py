@@ -27,6 +27,7 @@ from typing import Any
 
 from peftlab.comparison.baselines import EXAMPLES_PER_CLASS, LOSS_DROP, margin_rule
 from peftlab.comparison.summary import Group, Summary
+from peftlab.methods import METHODS
 
 STEP_FACTOR = 4  # the next command's budget: this many times the steps
 PRIOR_LOSS = 0.97  # an eval loss above 97% of the label shares' loss: nothing learned beyond the shares
@@ -72,7 +73,8 @@ def _budget(summary: Summary, header: dict[str, Any], groups: list[Group]) -> di
     batch = training["batch_size"] * training["gradient_accumulation_steps"]
     classes = (summary.baselines.get("majority") or {}).get("classes")
     needed = math.ceil(EXAMPLES_PER_CLASS * classes / batch) if classes else 0
-    return {"steps": steps, "batch": batch, "seen": steps * batch, "classes": classes,
+    return {"task": header["base_config"].get("task"), "steps": steps, "batch": batch, "seen": steps * batch,
+            "classes": classes,
             "per_class": steps * batch / classes if classes else None,
             "next_steps": _nice(max(STEP_FACTOR * max(steps, 1), needed))}
 
@@ -100,6 +102,11 @@ def _causes(summary: Summary, groups: list[Group], budget: dict[str, Any]) -> li
     if not causes:
         causes.append("the training loss fell, but not far enough in this budget: more steps, or another learning "
                       "rate")
+    for method in dict.fromkeys(g.method for g in groups):  # what the calibration found (methods.budget_hints)
+        spec = METHODS.get(method)
+        hint = spec.budget_hints.get(budget["task"]) if spec is not None else None
+        if hint:
+            causes.append(f"{method}: {hint}")
     return causes
 
 
