@@ -564,6 +564,7 @@ register(_prompt(
 register(_prompt(
     name="prompt",
     learning_rate=3e-2,
+    budget_hints={"seq-cls": "at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 9e-2 it reached 0.722 after 120 steps and 0.760 at 360 (docs/techniques.md#calibrated-defaults)"},
     test_learning_rate=1e-2,
     title="Prompt tuning (soft prompt)",
     summary="Prompt tuning: trainable soft-prompt embeddings prepended to the input (Lester et al. 2021).",
@@ -575,6 +576,7 @@ register(_prompt(
 register(_prompt(
     name="ptuning",
     learning_rate=1e-2,
+    budget_hints={"seq-cls": "at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 3e-2 it reached 0.62 after 120 steps and 0.654 at 360, slower than prompt tuning (docs/techniques.md#calibrated-defaults)"},
     title="P-tuning (prompt encoder)",
     summary="P-tuning: virtual input tokens produced by a prompt encoder, MLP or LSTM (Liu et al. 2021).",
     config_cls=peft.PromptEncoderConfig,
