@@ -8,7 +8,8 @@ For every factor it runs ``peftlab compare`` on the recipe with each method's le
 its registered default x the factor (one comparison folder per factor, so finished runs are kept:
 run it again with more factors or seeds and only the new runs train). Then it reads every run
 under the output folder and prints, per method, the mean score over seeds at each rate, the
-majority-class baseline of the evaluation data (classification), and the chosen rate: the best
+majority-class baseline the comparisons recorded (classification; "beats" is reckoned as the
+comparison's verdict reckons it), and the chosen rate: the best
 mean, and the smallest rate within one point of it (a faster rate that is no better is not
 chosen). ``--report-only`` skips training. The table and the chosen rates are written to
 ``calibration.json`` and ``calibration.md`` in the output folder (docs/techniques.md quotes them).
@@ -21,22 +22,16 @@ import json
 import os
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 
 
-def majority_share(config) -> float | None:
-    """The share of the most common training label on the evaluation split (None if not classification)."""
-    from peftlab.data import load_splits
-
-    if config.task != "seq-cls":
-        return None
-    splits = load_splits(config.data, seed=config.training.seed)
-    column = config.data.label_column
-    train = Counter(splits["train"][column])
-    top = train.most_common(1)[0][0]
-    evaluation = splits["eval"][column]
-    return sum(1 for label in evaluation if label == top) / len(evaluation)
+def majority(out: Path) -> dict | None:
+    """The majority-class baseline the comparisons recorded (results.json), or None (not classification)."""
+    for results in sorted(out.glob("x*/results.json")):
+        found = (json.loads(results.read_text()).get("baselines") or {}).get("majority")
+        if found:
+            return found
+    return None
 
 
 def run_factor(config, methods: list[str], factor: float, seeds: list[int], out: Path) -> None:
@@ -64,8 +59,12 @@ def choose(rates: dict[float, list[float]], tolerance: float = 0.01) -> float:
     return min(lr for lr, mean in means.items() if mean >= best - tolerance)
 
 
-def report(out: Path, baseline: float | None, defaults: dict[str, float]) -> dict:
+def report(out: Path, defaults: dict[str, float]) -> dict:
+    from peftlab.comparison.baselines import beats, margin
+
     scores = collect(out)
+    reference = majority(out)
+    baseline = reference["value"] if reference else None
     factors = sorted({round(lr / defaults[m], 3) for m, per in scores.items() for lr in per})
     lines = ["| method | default rate | " + " | ".join(f"x{f:g}" for f in factors) + " | chosen rate | beats majority |",
              "|---|---|" + "---|" * len(factors) + "---|---|"]
@@ -74,7 +73,9 @@ def report(out: Path, baseline: float | None, defaults: dict[str, float]) -> dic
         pick = choose(per)
         mean = statistics.fmean(per[pick])
         chosen[method] = {"learning_rate": pick, "score": mean, "seeds": len(per[pick]),
-                          "beats_majority": None if baseline is None else mean > baseline + 0.01}
+                          "beats_majority": None if reference is None else beats(
+                              mean, baseline, reference["metric"],
+                              margin(reference["metric"], baseline, reference.get("samples")))}
         by_factor = {round(lr / defaults[method], 3): v for lr, v in per.items()}
         cells = [f"{statistics.fmean(by_factor[f]):.3f}" + (f" ({len(by_factor[f])} seeds)" if len(by_factor[f]) > 1
                                                             else "") if f in by_factor else "" for f in factors]
@@ -114,7 +115,7 @@ def main() -> None:
         for factor in (float(f) for f in args.factors.split(",")):
             print(f"--- factor x{factor:g}: {len(methods)} methods x {len(seeds)} seed(s)", flush=True)
             run_factor(config, methods, factor, seeds, args.out)
-    report(args.out, majority_share(config), defaults)
+    report(args.out, defaults)
 
 
 if __name__ == "__main__":

@@ -231,3 +231,15 @@ def test_real_smollm2_rows_that_join_a_running_batch_equal_generate_alone(tmp_pa
     eos = {tokenizer.eos_token_id}
     for job, name, prompt, limit in plan:
         assert run.results[(id(job), 0)] == finished(tokenizer, _alone(registry, name, prompt, limit), [], limit, eos)
+
+
+def test_sampling_with_a_tiny_top_p_is_greedy_and_rows_share_the_pass(registry):
+    """top_p keeps only the most likely token: a sampled row must then equal the greedy one (warpers applied)."""
+    run = Run(registry)
+    narrow = GenerationConfig(do_sample=True, temperature=0.7, top_p=1e-6)
+    sampled = run.add("lora-a", [_prompt(2)], 8, decoding=narrow)
+    greedy = run.add("base", [_prompt(3)], 8)
+    run.until_idle()
+    assert run.results[(id(sampled), 0)] == finished(registry.tokenizer, _alone(registry, "lora-a", _prompt(2), 8), [],
+                                                     8, {registry.tokenizer.eos_token_id})
+    assert (id(greedy), 0) in run.results and run.metrics.mixed_passes > 0

@@ -86,11 +86,11 @@ def _causes(summary: Summary, groups: list[Group], budget: dict[str, Any]) -> li
                       f"step{'s' if budget['steps'] != 1 else ''} x batch "
                       f"{budget['batch']} = {budget['seen']:,} training examples, about {budget['per_class']:.0f} per "
                       f"class (fewer than {EXAMPLES_PER_CLASS})")
-    flat = [g for g in _not_falling(groups) if g not in _rising(groups)]
+    rising = _rising(groups)
+    flat = [g for g in _not_falling(groups) if g not in rising]
     if flat:
         causes.append(f"the training loss fell by less than {LOSS_DROP:.0%} in {_names(flat, sweep)}: too few steps, "
                       "or a learning rate too low for this budget")
-    rising = _rising(groups)
     if rising:
         causes.append(f"the training loss rose in {_names(rising, sweep)}: a learning rate too high")
     prior = ((summary.baselines.get("majority") or {}).get("metrics") or {}).get("loss")

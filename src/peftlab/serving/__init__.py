@@ -46,9 +46,9 @@ def create_server(base: str, adapters: dict[str, str | Path] | None = None, *, t
     evicted, loaded again on demand; the ``adapters`` given here are never evicted).
     """
     _require_stack()
-    if api_key is not None and not api_key.strip():  # before the models load
-        raise ConfigError("the API key is empty", "give --api-key (or PEFTLAB_API_KEY) a value, or leave it out")
-    from peftlab.serving.api import Limits, Server
+    from peftlab.serving.api import Limits, Server, check_api_key
+
+    check_api_key(api_key)  # before the models load
     from peftlab.serving.registry import Registry, infer_task
 
     adapters = dict(adapters or {})

@@ -274,14 +274,18 @@ class AdapterRequest(_Request):
 
 # --- the server -----------------------------------------------------------------------------
 
+def check_api_key(api_key: str | None) -> None:
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ConfigError("the API key is empty", "give --api-key (or PEFTLAB_API_KEY) a value, or leave it out")
+
+
 class Server:
     """The registry, the batcher and the counters behind one app."""
 
     def __init__(self, registry: Registry, *, limits: Limits | None = None, max_batch: int = 16,
                  max_wait_ms: float = 5.0, queue_size: int = 64, api_key: str | None = None,
                  enable_docs: bool = False):
-        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-            raise ConfigError("the API key is empty", "give --api-key (or PEFTLAB_API_KEY) a value, or leave it out")
+        check_api_key(api_key)
         self.registry = registry
         self.limits = limits or Limits()
         self.metrics = Metrics()
@@ -536,7 +540,7 @@ def create_app(server: Server) -> FastAPI:
         try:
             yield
         finally:
-            server.batcher.stop()
+            await run_in_threadpool(server.batcher.stop)  # joins the worker: not on the event loop
 
     docs = server.enable_docs  # /docs and /openapi.json only when asked for (--enable-docs)
     app = FastAPI(title="peftlab serve", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,

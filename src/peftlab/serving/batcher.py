@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftlab.config import GenerationConfig
-from peftlab.serving.engine import Cancelled, Engine, TextStream, finished
+from peftlab.serving.engine import Cancelled, Engine, TextStream, eos_ids, finished
 from peftlab.serving.metrics import Metrics
 from peftlab.serving.registry import BASE, AdapterNotFound, Registry, ServedAdapter
 from peftlab.tasks import generation as gen
@@ -183,8 +183,12 @@ class Batcher:
                 self._taken = []
                 if self.engine.busy:
                     self.engine.step(lambda row, result: _deliver(row.job, row.index, result), _fail, started)
-            except BaseException as error:  # never let the worker die; fail what is left
-                self._fail_everything(jobs, error)
+            except BaseException as error:  # never let the worker die: fail this turn's work, keep the queue
+                for job in jobs:
+                    _fail(job, error)
+                self.engine.fail_all(_fail, error)
+            finally:
+                self._taken = []
 
     def _take(self) -> list[Job]:
         """What is queued; waits (for the first job, then up to max_wait) only when nothing is generating."""
@@ -222,6 +226,7 @@ class Batcher:
                 _fail(job, ShuttingDown("the server is shutting down"))
 
     def _fail_everything(self, jobs: list[Job], error: BaseException) -> None:
+        """The worker stops: everything taken, running or still queued fails with ``error``."""
         for job in jobs:
             _fail(job, error)
         self.engine.fail_all(_fail, error)
@@ -336,7 +341,7 @@ class Batcher:
                                      decoder_only=not self.registry.encoder_decoder, adapter_names=names,
                                      limits=limits, streamer=streamer)
         self.metrics.forward(len(chunk), {a.name for a in adapters})
-        eos = {tokenizer.eos_token_id} - {None}
+        eos = eos_ids(model, tokenizer)
         for (job, i), ids, limit in zip(chunk, tokens, limits):
             result = finished(job.adapter.tokenizer, ids, stop, limit, eos)
             if streamer is not None:

@@ -149,7 +149,7 @@ class Cohort:
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None  # [rows, cached tokens]
     positions: torch.Tensor | None = None  # [rows]: the position of each row's next input
-    eos: set[int] | None = None  # the ids that end a row (read once)
+    eos: set[int] = field(default_factory=set)  # the ids that end a row
 
 
 class Engine:
@@ -159,24 +159,20 @@ class Engine:
         self.registry, self.metrics, self.max_batch = registry, metrics, max_batch
         self.cohorts: dict[tuple, Cohort] = {}
         self.waiting: list[Row] = []
-        self._supported: dict[int, bool] = {}
+        # every group is built from the one base (same class, config, generation config): decided once
+        self.continuous = not registry.encoder_decoder and _supports(registry.base_model)
 
     # --- what it takes ----------------------------------------------------------------
 
     def takes(self, adapter: ServedAdapter, decoding: GenerationConfig) -> bool:
         """Whether rows of this adapter with these decoding options are decoded here (else by generate())."""
-        if self.registry.encoder_decoder or decoding.num_beams > 1:
+        if not self.continuous or decoding.num_beams > 1:
             return False
-        if adapter.group is not None and adapter.group.prompt_learning:
-            return False
-        model = adapter.group.model if adapter.group is not None else self.registry.base_model
-        if id(model) not in self._supported:
-            self._supported[id(model)] = _supports(model)
-        return self._supported[id(model)]
+        return adapter.group is None or not adapter.group.prompt_learning
 
     @property
     def rows(self) -> int:
-        return len(self.waiting) + sum(len(c.rows) for c in self.cohorts.values())
+        return len(self.waiting) + sum(len(c.rows) for c in list(self.cohorts.values()))  # read by the event loop
 
     def all_rows(self) -> list[Row]:
         return [*self.waiting, *(row for cohort in list(self.cohorts.values()) for row in cohort.rows)]
@@ -314,7 +310,7 @@ class Engine:
                                **{_cache_argument(model): cache}, **_last_logits_only(model))
         for row in rows:
             started(row.job)
-        new = Cohort(key, model, mixes, rows, cache, mask, positions[:, -1] + 1)
+        new = Cohort(key, model, mixes, rows, cache, mask, positions[:, -1] + 1, eos_ids(model, tokenizer))
         self._advance(new, logits, deliver)
         if not new.rows:
             return
@@ -336,11 +332,10 @@ class Engine:
     def _advance(self, cohort: Cohort, logits: torch.Tensor, deliver) -> None:
         """Pick each row's next token; finished rows are delivered and leave the cohort."""
         greedy = logits.argmax(dim=-1).tolist()  # one call for the batch; sampled rows are picked row by row
-        eos = cohort.eos if cohort.eos is not None else eos_ids(cohort.model, cohort.rows[0].adapter.tokenizer)
-        cohort.eos = eos
+        eos = cohort.eos
         keep = []
         for i, row in enumerate(cohort.rows):
-            token = _sample(row, logits[i]) if row.decoding.do_sample else greedy[i]
+            token = _sample(row, logits[i], cohort.model) if row.decoding.do_sample else greedy[i]
             row.ids.append(token)
             tokenizer = row.adapter.tokenizer
             if row.stream is not None:
@@ -395,10 +390,10 @@ def _merge(old: Cohort, new: Cohort) -> Cohort:
     return old
 
 
-def _sample(row: Row, scores: torch.Tensor) -> int:
+def _sample(row: Row, scores: torch.Tensor, model) -> int:
     """A sampled next token, with transformers' own warpers (as generate() samples)."""
     decoding = row.decoding
-    config = getattr(row.adapter.group.model if row.adapter.group else None, "generation_config", None)
+    config = getattr(model, "generation_config", None)  # the model's top_k (the bare base's too), as generate()
     top_k = getattr(config, "top_k", 50) or 0
     warpers = LogitsProcessorList()
     if decoding.temperature not in (None, 1.0):
