@@ -25,7 +25,7 @@ from peftlab.comparison.measure import LOAD_THRESHOLD, Counters, MachineLoad, un
 from peftlab.comparison.report import assess, markdown, table
 from peftlab.comparison.summary import summarize
 from peftlab.comparison.verdict import next_command
-from peftlab.methods import METHODS
+from peftlab.methods import METHODS, BudgetHint
 from peftlab.config import DataConfig
 from peftlab.tasks import get_task
 from peftlab.testing import chat_rows, keyword_rows, label_text_rows
@@ -137,7 +137,8 @@ def test_nothing_learned_gets_the_verdict_and_the_command_to_run_next(seq_cls_ra
                                                                        monkeypatch, capsys):
     """One step: no method can beat the majority class; the terminal, the report and results.json say so, with
     what the calibration found for a technique (its registry budget hint)."""
-    monkeypatch.setitem(METHODS, "ia3", dataclasses.replace(METHODS["ia3"], budget_hints={"seq-cls": "needs 900 steps"}))
+    hint = BudgetHint("it learned at 900 steps on the calibration recipe", steps=450, batch=32)
+    monkeypatch.setitem(METHODS, "ia3", dataclasses.replace(METHODS["ia3"], budget_hints={"seq-cls": hint}))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(seq_cls_raw))
     out = tmp_path / "cmp"
@@ -146,12 +147,14 @@ def test_nothing_learned_gets_the_verdict_and_the_command_to_run_next(seq_cls_ra
         cli.main()
     captured = capsys.readouterr()
     assert exit_info.value.code == 0, captured.err
-    command = f"peftlab compare {recipe} --methods lora,ia3 --set training.max_steps=7 --lr-sweep 3 -o {out}-7steps"
+    # the budget the hint names (450 steps of 32 = 900 of this comparison's batch of 16), not 4x one step
+    command = f"peftlab compare {recipe} --methods lora,ia3 --set training.max_steps=900 --lr-sweep 3 -o {out}-900steps"
     printed = " ".join(captured.out.split())  # the terminal wraps long lines
     assert "No method beats the majority class by more than" in printed
     assert "too few steps for 2 classes: each run saw 1 step x batch 16 = 16 training examples" in printed
     assert f"next: {command}" in printed
-    assert "ia3: needs 900 steps" in printed and "lora: " not in printed
+    assert ("ia3: needs about 450 steps of batch 32 at its default rate; it learned at 900 steps on the calibration "
+            "recipe (these runs: 1 step of batch 16)") in printed and "lora: " not in printed
     assert "baseline majority class: accuracy" in captured.err  # the progress display, before the runs
     table_rows = [line.split("│")[1].strip() for line in captured.out.splitlines() if line.startswith("│")]
     assert table_rows == ["lora", "ia3", "majority class", "untrained adapter"]

@@ -207,6 +207,46 @@ def test_bert2bert_takes_its_encoders_default_targets(tiny_models, generative_da
     assert plain.peft_config["default"].target_modules
 
 
+@pytest.mark.parametrize(("method", "options", "rate", "new_rate"), [
+    ("ia3", {}, 8e-3, 2e-3),  # a small technique's high rate: the layers trained from scratch are capped
+    ("prompt", {}, 3e-2, 2e-3),
+    ("lora", {}, 1e-3, 1e-3),  # a rate below the cap stays
+    ("ia3", {"training.new_weights_learning_rate": 5e-4}, 8e-3, 5e-4),  # the user's rate wins
+])
+def test_weights_the_checkpoint_lacked_train_at_their_own_rate(tiny_models, generative_data, tmp_path, method, options,
+                                                               rate, new_rate):
+    """BERT2BERT's cross-attention is a set of whole layers trained from scratch: at IA3's or prompt tuning's rate
+    AdamW wrecks them (the offline seq2seq recipe generated nothing), so they get their own, capped rate; the
+    technique's own weights keep the technique's."""
+    from peftlab import fastpath
+    from peftlab.loop import build_optimizer
+    from peftlab.method_stage import build_model, new_weight_names, new_weights_rate
+    from peftlab.offline_models import _build_minilm2minilm
+    from peftlab.tasks import get_task
+
+    base_dir = tmp_path / "bert2bert"
+    _build_minilm2minilm(tiny_models["bert"], base_dir)
+    config = build_config({
+        "model": {"name": str(base_dir)}, "task": "seq2seq", "method": {"name": method},
+        "data": {"train_file": str(generative_data["train"]), "target_column": "target"},
+        "training": {"learning_rate": rate, "weight_decay": 0.01}, "output_dir": str(tmp_path / "run")},
+        [f"{k}={v}" for k, v in options.items()])
+    spec, task = METHODS[method], get_task("seq2seq")
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    fast = fastpath.resolve(config.model, config.training, packable=False, prompt_learning=spec.prompt_learning,
+                            full=False)
+    model, base, _ = build_model(config, task, spec, {}, tokenizer, fast)
+    names = new_weight_names(model, base, spec, task.peft_task_type)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n in trainable if ".crossattention." in n}  # every cross-attention tensor, nothing else
+    optimizer = build_optimizer(model, spec, rate, 0.01, {}, False, (names, new_weights_rate(config.training)))
+    by_param = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert by_param[id(param)] == (new_rate if name in names else rate), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt", "lora"])
 def test_bert2bert_trains_and_saves_its_untrained_cross_attention(tiny_models, generative_data, tmp_path, method):
     """The BERT2BERT checkpoint leaves its untrained cross-attention out, so each load draws it at random: every

@@ -43,6 +43,23 @@ def test_every_method_has_a_learning_rate():
     assert "lora-without-a-rate" not in METHODS
 
 
+def test_budget_hints_say_how_many_steps():
+    """A calibration hint names the budget it measured (steps x batch), compares runs by examples seen, and is what
+    `peftlab methods` prints."""
+    from peftlab.methods import BudgetHint, describe
+
+    hint = BudgetHint("measured on MiniLM", steps=120, batch=32)
+    assert hint.short_of(60, 32) and not hint.short_of(120, 32) and not hint.short_of(240, 16)
+    assert hint.steps_at(16) == 240 and hint.steps_at(64) == 60 and hint.steps_at(100) == 39
+    assert str(hint) == "needs about 120 steps of batch 32 at its default rate; measured on MiniLM"
+    never = BudgetHint("collapses")
+    assert never.short_of(10**6, 32) and never.steps_at(8) is None and str(never).startswith("no budget tried")
+    hinted = [spec for spec in METHODS.values() if spec.budget_hints]
+    assert hinted
+    for spec in hinted:
+        assert describe(spec)["budget_hints"] == {task: str(h) for task, h in spec.budget_hints.items()}
+
+
 def test_methods_are_grouped_and_say_when_they_help():
     from peftlab.methods import GROUPS
 

@@ -62,20 +62,28 @@ def data_loader(encoded, training: TrainingConfig, collate: Callable) -> DataLoa
                       generator=torch.Generator().manual_seed(training.seed))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, learning_rate: float,
+                  new_weights: tuple[set[str], float] | None = None) -> list[dict[str, Any]]:
+    """AdamW's groups: weight decay on matrices only; the weights the checkpoint lacked (``new_weights``: their
+    parameter names and rate) at their own rate."""
+    names, new_rate = new_weights or (set(), learning_rate)
+    groups = {(True, False): [], (False, False): []}  # decay, no decay: always there (checkpoints hold both)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = not (param.ndim < 2 or "norm" in name.lower())
+            groups.setdefault((decays, name in names), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": new_rate if new else learning_rate} for (decays, new), params in groups.items()]
 
 
 def build_optimizer(model: torch.nn.Module, spec: MethodSpec, learning_rate: float, weight_decay: float,
-                    extras: dict[str, Any], fused: bool) -> torch.optim.Optimizer:
-    """The technique's own optimizer where it has one (LoRA+: its parameter groups), else AdamW (fused on GPUs)."""
+                    extras: dict[str, Any], fused: bool,
+                    new_weights: tuple[set[str], float] | None = None) -> torch.optim.Optimizer:
+    """The technique's own optimizer where it has one (LoRA+: its parameter groups), else AdamW (fused on GPUs);
+    ``new_weights``: the names of the parameters that train at their own rate, and that rate."""
     if spec.make_optimizer:
         return spec.make_optimizer(model, learning_rate, weight_decay, extras)
-    return fastpath.optimizer(_param_groups(model, weight_decay), learning_rate, fused)
+    return fastpath.optimizer(_param_groups(model, weight_decay, learning_rate, new_weights), learning_rate, fused)
 
 
 def total_steps(training: TrainingConfig, batches_per_epoch: int) -> tuple[int, int]:

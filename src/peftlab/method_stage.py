@@ -9,6 +9,7 @@ changes follow (fp32 trainables on a half-precision base, packing probe, checkpo
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -18,8 +19,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from peftlab import compat, fastpath
 from peftlab.config import ModelConfig, RunConfig, TrainingConfig
 from peftlab.errors import ConfigError, PeftlabError
-from peftlab.methods import get_method, linear_layer_names, target_model_type
-from peftlab.model import fit_embeddings, layer_name, new_token_ids, tied_embeddings
+from peftlab.methods import PEFT_SAVES, get_method, linear_layer_names, target_model_type
+from peftlab.model import fit_embeddings, layer_name, new_token_ids, tied_embeddings, untrained_modules
+
+NEW_WEIGHTS_RATE = 2e-3
+"""The highest default rate of the weights the checkpoint lacked (training.new_weights_learning_rate): whole layers
+trained from scratch, which the high rates of the small techniques (IA3 8e-3, prompt tuning 3e-2) wreck; at this
+rate the BERT2BERT cross-attention learned under every technique (docs/techniques.md, calibration)."""
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -68,6 +74,26 @@ def build_model(config: RunConfig, task, spec, meta: dict[str, Any], tokenizer, 
     compat.apply_fixes(model)
     fast_model(model, fast, tokenizer)
     return model, base, peft_config
+
+
+def new_weight_names(model: torch.nn.Module, base: PreTrainedModel, spec, peft_task_type: str | None) -> set[str]:
+    """The trainable parameters of ``model`` (by name) that hold weights the base checkpoint lacked
+    (:func:`peftlab.model.untrained_modules`; a classification head that peft trains itself is not among them)."""
+    modules = untrained_modules(base, PEFT_SAVES.get(peft_task_type or "", ()))
+    if not modules:
+        return set()
+    prefix = "" if spec.full else "base_model." if spec.prompt_learning else "base_model.model."
+    found = set()
+    for name, param in model.named_parameters():
+        path = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name).removeprefix(prefix)  # a peft wrapper's copy
+        if param.requires_grad and any(path.startswith(module + ".") for module in modules):
+            found.add(name)
+    return found
+
+
+def new_weights_rate(training: TrainingConfig) -> float:
+    """``training.new_weights_learning_rate``, else the run's rate at most :data:`NEW_WEIGHTS_RATE`."""
+    return training.new_weights_learning_rate or min(training.learning_rate, NEW_WEIGHTS_RATE)
 
 
 def fast_model(model: torch.nn.Module, fast: fastpath.FastPath, tokenizer) -> None:

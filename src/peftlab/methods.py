@@ -270,6 +270,30 @@ def _bias_layers(model: torch.nn.Module) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class BudgetHint:
+    """What the calibration (scripts/calibrate_defaults.py, docs/techniques.md) found a technique needs on a task
+    family beyond the offline comparison recipe's budget: how many optimizer steps of how large a batch it took to
+    beat the majority baseline at its default rate, and one line on what was measured."""
+
+    note: str
+    steps: int | None = None  # None: no budget tried was enough
+    batch: int = 32
+
+    def short_of(self, steps: int, batch: int) -> bool:
+        """Is a run of ``steps`` x ``batch`` examples shorter than what the technique needed?"""
+        return self.steps is None or steps * batch < self.steps * self.batch
+
+    def steps_at(self, batch: int) -> int | None:
+        """The steps it needed, at another batch size (the same number of examples)."""
+        return None if self.steps is None else -(-self.steps * self.batch // batch)
+
+    def __str__(self) -> str:
+        need = (f"needs about {self.steps} steps of batch {self.batch} at its default rate" if self.steps
+                else "no budget tried was enough")
+        return f"{need}; {self.note}"
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What peftlab knows about one technique."""
 
@@ -324,9 +348,10 @@ class MethodSpec:
     # (peftlab.testing.tiny_model_rate); None: learning_rate itself; per task family where that differs
     test_learning_rate: float | None = None
     test_task_learning_rates: dict[str, float] = field(default_factory=dict)
-    # what the calibration found a task family needs beyond the default budget: {task: one line}; `peftlab methods`
-    # prints it and a comparison's verdict repeats it for the techniques that did not beat the baseline
-    budget_hints: dict[str, str] = field(default_factory=dict)
+    # what the calibration found a task family needs beyond the default budget: {task: BudgetHint}; `peftlab methods`
+    # prints it, and a comparison's verdict repeats it for the techniques that did not beat the baseline and sizes
+    # its next command's budget by it
+    budget_hints: dict[str, BudgetHint] = field(default_factory=dict)
 
     def learning_rate_for(self, task: str) -> float:
         """The default learning rate for ``task`` (a family's own rate, else the technique's)."""
@@ -551,7 +576,7 @@ register(_compact(
 register(_prompt(
     name="prefix",
     learning_rate=1e-2,
-    budget_hints={"seq-cls": "on MiniLM / Rotten Tomatoes it stayed at the majority class for 360 steps of batch 32 at 1e-2 to 1e-1; prefer the LoRA family, OFT or IA3 there (docs/techniques.md#calibrated-defaults)"},
+    budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes it stayed at the majority class for 360 steps of batch 32 at 1e-2 to 1e-1; prefer the LoRA family, OFT or IA3 there (docs/techniques.md#calibrated-defaults)", steps=120)},
     title="Prefix tuning (MLP-reparameterised)",
     summary="Prefix tuning: trainable key/value prefixes in every layer, reparameterised by an MLP "
             "during training (Li & Liang 2021).",
@@ -565,7 +590,7 @@ register(_prompt(
 register(_prompt(
     name="ptuning-v2",
     learning_rate=3e-2,
-    budget_hints={"seq-cls": "at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 9e-2 it left it after 120 steps and reached 0.764 at 360 (docs/techniques.md#calibrated-defaults)"},
+    budget_hints={"seq-cls": BudgetHint("at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 9e-2 it left it after 120 steps and reached 0.764 at 360 (docs/techniques.md#calibrated-defaults)", steps=120)},
     title="P-tuning v2 (deep prompts)",
     summary="P-tuning v2: deep prompts in every layer, trained directly without reparameterisation "
             "(Liu et al. 2021); prefix tuning as used for understanding tasks.",
@@ -579,7 +604,7 @@ register(_prompt(
 register(_prompt(
     name="prompt",
     learning_rate=3e-2,
-    budget_hints={"seq-cls": "at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 9e-2 it reached 0.722 after 120 steps and 0.760 at 360 (docs/techniques.md#calibrated-defaults)"},
+    budget_hints={"seq-cls": BudgetHint("at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 9e-2 it reached 0.722 after 120 steps and 0.760 at 360 (docs/techniques.md#calibrated-defaults)", steps=120)},
     test_learning_rate=1e-2,
     title="Prompt tuning (soft prompt)",
     summary="Prompt tuning: trainable soft-prompt embeddings prepended to the input (Lester et al. 2021).",
@@ -591,7 +616,7 @@ register(_prompt(
 register(_prompt(
     name="ptuning",
     learning_rate=1e-2,
-    budget_hints={"seq-cls": "at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 3e-2 it reached 0.62 after 120 steps and 0.654 at 360, slower than prompt tuning (docs/techniques.md#calibrated-defaults)"},
+    budget_hints={"seq-cls": BudgetHint("at 60 steps of batch 32 it stays at the majority class on MiniLM / Rotten Tomatoes; at 3e-2 it reached 0.62 after 120 steps and 0.654 at 360, slower than prompt tuning (docs/techniques.md#calibrated-defaults)", steps=120)},
     title="P-tuning (prompt encoder)",
     summary="P-tuning: virtual input tokens produced by a prompt encoder, MLP or LSTM (Liu et al. 2021).",
     config_cls=peft.PromptEncoderConfig,
@@ -805,7 +830,7 @@ register(_compact(
 register(_adapter(
     name="ln-tuning",
     learning_rate=5e-3,
-    budget_hints={"seq-cls": "on MiniLM / Rotten Tomatoes it stayed at the majority class for 360 steps of batch 32 at 5e-3 to 5e-2; prefer the LoRA family, OFT or IA3 there (docs/techniques.md#calibrated-defaults)"},
+    budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes it stayed at the majority class for 360 steps of batch 32 at 5e-3 to 5e-2; prefer the LoRA family, OFT or IA3 there (docs/techniques.md#calibrated-defaults)", steps=120)},
     test_learning_rate=5e-2,
     title="LayerNorm tuning",
     summary="LN tuning: only the LayerNorm (RMSNorm) weights and biases train (Zhao et al. 2023; peft's "
@@ -820,7 +845,7 @@ register(_adapter(
 register(_adapter(
     name="bitfit",
     learning_rate=5e-3,
-    budget_hints={"seq-cls": "on MiniLM / Rotten Tomatoes it stayed at the majority class for 360 steps of batch 32 at 5e-3 to 5e-2; prefer the LoRA family, OFT or IA3 there (docs/techniques.md#calibrated-defaults)"},
+    budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes it stayed at the majority class for 360 steps of batch 32 at 5e-3 to 5e-2; prefer the LoRA family, OFT or IA3 there (docs/techniques.md#calibrated-defaults)", steps=120)},
     test_learning_rate=5e-2,
     title="BitFit (bias terms)",
     summary="BitFit: only bias terms train (Ben Zaken et al. 2022), here the biases of every linear layer that has "
@@ -889,7 +914,7 @@ def describe(spec: MethodSpec, model_type: str | None = None) -> dict[str, Any]:
     if spec.task_learning_rates:
         info["task_learning_rates"] = dict(spec.task_learning_rates)
     if spec.budget_hints:
-        info["budget_hints"] = dict(spec.budget_hints)
+        info["budget_hints"] = {task: str(hint) for task, hint in spec.budget_hints.items()}
     if model_type and spec.model_defaults:
         info["defaults"] = {**info["defaults"], "target_modules": "(read off the model)"}
     elif model_type and spec.config_cls is not None:

@@ -35,7 +35,7 @@ from peftlab.errors import ConfigError, PeftlabError
 from peftlab.evaluation import Evaluator
 from peftlab.loop import Clock, Fitted, Loop, build_optimizer, build_scheduler, data_loader, fit, tensorboard, \
     total_steps
-from peftlab.method_stage import build_model, count_parameters, mixed_precision
+from peftlab.method_stage import build_model, count_parameters, mixed_precision, new_weight_names, new_weights_rate
 from peftlab.methods import MethodSpec, get_method
 from peftlab.model import load_model_config, load_tokenizer, max_positions
 from peftlab.progress import warn
@@ -88,6 +88,7 @@ class Prepared:
     notes: list[str]
     initial_adapter: dict[str, torch.Tensor] | None  # PiSSA / OLoRA: the starting values, for the conversion
     class_weights: dict[str, float] | None = None  # training.class_weights resolved per label (None: unweighted)
+    split_rows: dict[str, int] = field(default_factory=dict)  # rows per split: train, eval[, test]
 
     @property
     def accelerator(self) -> Accelerator:
@@ -187,8 +188,13 @@ def prepare(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
                          task.packed_collator(tokenizer) if fast.packing else task.collator(tokenizer))
 
     # optimisation
+    new_weights = (new_weight_names(model, base, spec, task.peft_task_type), new_weights_rate(training))
+    if new_weights[0] and new_weights[1] != training.learning_rate:
+        notes.append(f"the weights the checkpoint lacked ({len(new_weights[0])} tensors) train at "
+                     + (f"{new_weights[1]:g} (training.new_weights_learning_rate)" if not spec.make_optimizer else
+                        f"{spec.name}'s own optimizer rates (training.new_weights_learning_rate does not apply)"))
     optimizer = build_optimizer(model, spec, training.learning_rate, training.weight_decay,
-                                spec.extras(config.method.options), fast.fused_optimizer)
+                                spec.extras(config.method.options), fast.fused_optimizer, new_weights)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch, steps = total_steps(training, len(loader))
     if spec.on_schedule:  # e.g. AdaLoRA: its rank schedule follows the step budget
@@ -205,7 +211,8 @@ def prepare(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
                           training.metric_for_best or task.main_metric(meta), training.keep, accelerator, model)
     loop = Loop(accelerator, model, optimizer, scheduler, loader, spec, training, steps_per_epoch, steps, loss)
     return Prepared(config, spec, task, meta, tokenizer, loop, evaluator, state, resume_from is not None, precision,
-                    fast, max_length, trainable, total, notes, initial_adapter, weights)
+                    fast, max_length, trainable, total, notes, initial_adapter, weights,
+                    split_rows={name: len(rows) for name, rows in splits.items()})
 
 
 def _class_balance(config: RunConfig, task, train_rows, meta: dict[str, Any], main_process: bool):
@@ -257,7 +264,8 @@ def _finish(run: Prepared, fitted: Fitted, staging: Path | None,
         trainable_params=run.trainable, total_params=run.total, train_seconds=round(fitted.seconds, 2),
         steps=state.step, kept={"which": config.training.keep, **{k: final[k] for k in ("step", "epoch")}},
         max_length=run.max_length, precision=run.precision, fast_path=run.fast.record(),
-        num_processes=accelerator.num_processes, notes=notes, class_weights=run.class_weights)
+        num_processes=accelerator.num_processes, hardware=artifacts.hardware(accelerator.device),
+        split_rows=run.split_rows, notes=notes, class_weights=run.class_weights)
     if run.spec.full and not sharded:
         weights = None  # the kept weights are in the model (copied above): save it whole, buffers included
     artifacts.save_run(staging, unwrapped, run.tokenizer, config, record,

@@ -12,7 +12,8 @@ causes, in the order they are checked:
   loss): the model learned how common each label is, not the task.
 
 The next command is the comparison's own (as typed, when the CLI passed it) for the methods concerned, with
-a step budget 4x as large (at least 50 examples per class) and, without a sweep yet, ``--lr-sweep 3``, into
+a step budget 4x as large (at least 50 examples per class, and at least what the calibration found those methods
+need: their registry budget hints) and, without a sweep yet, ``--lr-sweep 3``, into
 a folder of its own.
 """
 
@@ -73,10 +74,17 @@ def _budget(summary: Summary, header: dict[str, Any], groups: list[Group]) -> di
     batch = training["batch_size"] * training["gradient_accumulation_steps"]
     classes = (summary.baselines.get("majority") or {}).get("classes")
     needed = math.ceil(EXAMPLES_PER_CLASS * classes / batch) if classes else 0
-    return {"task": header["base_config"].get("task"), "steps": steps, "batch": batch, "seen": steps * batch,
+    task = header["base_config"].get("task")
+    hinted = [hint.steps_at(batch) for g in groups if (hint := _hint(g.method, task)) and hint.short_of(steps, batch)]
+    return {"task": task, "steps": steps, "batch": batch, "seen": steps * batch,
             "classes": classes,
             "per_class": steps * batch / classes if classes else None,
-            "next_steps": _nice(max(STEP_FACTOR * max(steps, 1), needed))}
+            "next_steps": _nice(max(STEP_FACTOR * max(steps, 1), needed, *(s for s in hinted if s)))}
+
+
+def _hint(method: str, task: str | None):
+    spec = METHODS.get(method)
+    return spec.budget_hints.get(task) if spec is not None and task else None
 
 
 def _causes(summary: Summary, groups: list[Group], budget: dict[str, Any]) -> list[str]:
@@ -103,10 +111,11 @@ def _causes(summary: Summary, groups: list[Group], budget: dict[str, Any]) -> li
         causes.append("the training loss fell, but not far enough in this budget: more steps, or another learning "
                       "rate")
     for method in dict.fromkeys(g.method for g in groups):  # what the calibration found (methods.budget_hints)
-        spec = METHODS.get(method)
-        hint = spec.budget_hints.get(budget["task"]) if spec is not None else None
+        hint = _hint(method, budget["task"])
         if hint:
-            causes.append(f"{method}: {hint}")
+            causes.append(f"{method}: {hint}" + (f" (these runs: {budget['steps']:,} step{'s' if budget['steps'] != 1 else ''} of batch "
+                                                 f"{budget['batch']})"
+                                                 if hint.short_of(budget["steps"], budget["batch"]) else ""))
     return causes
 
 
