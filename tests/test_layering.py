@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["peftlab.methods"]),
     ("checked config", ["peftlab.recipe"]),
     ("method stage, run directories", ["peftlab.method_stage", "peftlab.checkpoint", "peftlab.rundir",
-                                         "peftlab.adapters", "peftlab.artifacts"]),
+                                         "peftlab.adapters", "peftlab.card", "peftlab.artifacts"]),
     ("training, evaluation", ["peftlab.evaluation", "peftlab.loop", "peftlab.train", "peftlab.inference",
                               "peftlab.eval_report"]),
     ("merge, comparison, serving", ["peftlab.merge", "peftlab.quickstart", "peftlab.comparison",

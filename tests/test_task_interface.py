@@ -45,7 +45,8 @@ def _protocols(task) -> list[type]:
 def test_the_protocols_declare_what_the_callers_use():
     task = _members(base.Task)
     assert {"name", "peft_task_type", "meta_type", "packs", "main_metric", "check_model", "inspect", "encode",
-            "load_model", "collator", "packed_collator", "evaluate", "predict", "meta_from_adapter", "baseline"} <= task
+            "load_model", "collator", "packed_collator", "evaluate", "predict", "meta_from_adapter", "baseline",
+            "pipeline_tag", "auto_class", "model_kwargs"} <= task  # the last three: the model card (card.py)
     assert {"classifies", "generates", "chat", "meta_for_base"} <= _members(base.ServingTask) - task
     assert {"labels", "encode_rows", "logits", "record", "label_counts", "loss_function",
             "label_outcomes"} <= _members(base.Classifier)

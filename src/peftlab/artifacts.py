@@ -6,7 +6,8 @@ re-exports both, so ``peftlab.artifacts`` stays the one name for run directories
 
 PiSSA / OLoRA adapters are saved converted (peft's ``path_initial_model_for_weight_conversion``):
 a plain LoRA of rank 2r that applies to the original base model. Full fine-tuning (method
-``full``) saves the whole model instead of an adapter.
+``full``) saves the whole model instead of an adapter. The model card (``README.md``,
+:mod:`peftlab.card`) is written last, from the files saved before it.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ from peftlab import compat
 from peftlab.adapters import (AdapterSource, LoadedAdapter, adapter_shapes, attach, check_base,
                               check_loaded, detach, from_run, load_adapter, load_tokenizer_of, read_adapter,
                               read_peft_config)
+from peftlab.card import CARD, write_card
 from peftlab.config import RunConfig
 from peftlab.model import base_signature, embedding_rows
+from peftlab.progress import warn
 from peftlab.rundir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_RECORD, METRICS, MODEL_WEIGHTS,
-                            PEFTLAB_RECORDS, RUN_CONFIG, RUN_RECORD, RunRecord, check_output_dir, is_full_run,
-                            is_peftlab_output, library_versions, read_run, remove_stale_staging, staging_dir,
-                            weights_bytes, write_json)
+                            PEFTLAB_RECORDS, RUN_CONFIG, RUN_RECORD, RunRecord, check_output_dir, hardware,
+                            is_full_run, is_peftlab_output, library_versions, read_run, remove_stale_staging,
+                            staging_dir, weights_bytes, write_json)
 
 __all__ = [  # this module's own, then what it re-exports from rundir and adapters
     "save_run", "write_record", "initial_adapter_state",
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "MERGE_RECORD", "METRICS", "MODEL_WEIGHTS", "PEFTLAB_RECORDS", "RUN_CONFIG",
-    "RUN_RECORD", "RunRecord", "check_output_dir", "is_full_run", "is_peftlab_output", "library_versions", "read_run",
-    "remove_stale_staging", "staging_dir", "weights_bytes", "write_json",
+    "RUN_RECORD", "RunRecord", "check_output_dir", "hardware", "is_full_run", "is_peftlab_output", "library_versions",
+    "read_run", "remove_stale_staging", "staging_dir", "weights_bytes", "write_json",
     "AdapterSource", "LoadedAdapter", "adapter_shapes", "attach", "check_base", "check_loaded", "detach", "from_run",
     "load_adapter", "load_tokenizer_of", "read_adapter", "read_peft_config",
 ]
@@ -82,7 +85,8 @@ def save_run(directory: Path, model: PeftModel | PreTrainedModel, tokenizer: Pre
              config: RunConfig, record: RunRecord, metrics: dict[str, Any],
              state_dict: dict[str, torch.Tensor] | None = None,
              initial_adapter: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the adapter (or, for full fine-tuning, the model), tokenizer, config, record and metrics.
+    """Write the adapter (or, for full fine-tuning, the model), tokenizer, config, record and metrics, then the
+    model card from them (:func:`peftlab.card.write_card`; a card that fails is left out, with a warning).
 
     ``record``: what the run knows of itself (task, method, meta, counts, timing...); the base's
     signature, library versions, the time and the weights' size are added here.
@@ -111,3 +115,8 @@ def save_run(directory: Path, model: PeftModel | PreTrainedModel, tokenizer: Pre
         record, base=base_signature(base.config, embedding_rows(base)), versions=library_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), adapter_bytes=weights_bytes(directory)))
     write_json(directory / METRICS, metrics)
+    try:  # the card only describes the run: a failure to write it must not lose the trained weights
+        write_card(directory, config.output_dir)
+    except Exception as error:
+        (directory / CARD).unlink(missing_ok=True)  # peft's template, or a card cut short
+        warn(f"could not write the model card ({type(error).__name__}: {error}); the run is saved without one")

@@ -10,6 +10,8 @@ Prompt-learning techniques add virtual tokens rather than weights: they cannot b
 ``combine`` is peft's adapter arithmetic (``add_weighted_adapter``): a weighted sum of
 adapters trained with the same technique on the same base, for the same task, saved as a
 normal adapter directory.
+
+Both write a model card (``README.md``, :mod:`peftlab.card`) that says what their output was made from.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from peftlab import compat
 from peftlab.adapters import adapter_shapes, attach, load_adapter, read_adapter, read_peft_config
 from peftlab.artifacts import write_record
+from peftlab.card import write_card
 from peftlab.errors import AdapterError, PeftlabError
 from peftlab.methods import METHODS, spec_for_peft_type
 from peftlab.progress import warn
@@ -127,6 +130,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = No
             hf_logging.enable_progress_bar()
         loaded.tokenizer.save_pretrained(str(staging))
         write_json(staging / MERGE_RECORD, record)
+        write_card(staging, out)
     return MergeResult(output_dir=out, method=record["method"], max_abs_diff=diff)
 
 
@@ -225,4 +229,5 @@ def combine(adapter_dirs: Sequence[str | Path], out_dir: str | Path, *, weights:
             write_record(staging, dataclasses.replace(
                 loaded.record, combined_from=[str(p.resolve()) for p in paths], weights=weights,
                 combination=combination, adapter_bytes=weights_bytes(staging)))
+            write_card(staging, out)
     return out

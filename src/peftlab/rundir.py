@@ -7,6 +7,8 @@
     peftlab.json                the run record (:class:`RunRecord`): task meta (labels), method,
                                 sizes, timing, library versions
     metrics.json                final metrics (and the per-evaluation history)
+    README.md                   the model card (peftlab.card), written from the files above
+    loss_curve.png              the training loss, shown in the card
 
 Full fine-tuning (method ``full``) has no adapter: its run directory holds a plain
 transformers model (``config.json``, ``model.safetensors``) beside the same tokenizer and
@@ -68,6 +70,15 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def hardware(device: torch.device) -> str:
+    """What a run trained on: the GPU's name, or the CPU (architecture, threads torch uses)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"CPU ({platform.machine()}; torch threads: {torch.get_num_threads()})"
+    return device.type
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -97,6 +108,8 @@ class RunRecord:
     precision: str | None = None
     fast_path: dict[str, Any] | None = None  # fastpath's resolved switches
     num_processes: int | None = None
+    hardware: str | None = None  # hardware(): the GPU's name, or the CPU
+    split_rows: dict[str, int] | None = None  # rows of each split the run read: train, eval[, test]
     notes: list[str] | None = None
     class_weights: dict[str, float] | None = None  # training.class_weights resolved: label -> weight
     base: dict[str, Any] | None = None  # model.base_signature: model_type, hidden_size, vocab_size (rows)

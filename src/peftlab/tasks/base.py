@@ -93,6 +93,8 @@ class Task(Protocol):
     peft_task_type: str  # peft's TaskType value (recognises adapters made with plain peft)
     meta_type: type[TaskMeta]  # the family's typed meta (ClassificationMeta, GenerationMeta)
     packs: bool  # training batches can be packed into one row without padding (fastpath.packing)
+    pipeline_tag: str  # the Hugging Face Hub's pipeline tag of the family's models (the model card)
+    auto_class: type  # the transformers Auto class that loads them (load_model; the model card's snippet)
 
     def main_metric(self, meta: Meta) -> str:
         """The metric that picks the best evaluation (higher is better unless in ``LOWER_IS_BETTER``)."""
@@ -111,8 +113,11 @@ class Task(Protocol):
                meta: Meta, max_length: int, where: str) -> datasets.Dataset:
         """Raw rows -> training features (token ids, labels)."""
 
+    def model_kwargs(self, meta: Meta) -> dict[str, Any]:
+        """``auto_class.from_pretrained``'s keyword arguments that size the model's head from ``meta``."""
+
     def load_model(self, model: ModelConfig, meta: Meta) -> PreTrainedModel:
-        """The base model for this task, heads sized from ``meta``."""
+        """The base model for this task, heads sized from ``meta`` (``model_kwargs``)."""
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batches encoded rows (dynamic padding)."""

@@ -53,6 +53,8 @@ class CausalLM:
     peft_task_type = "CAUSAL_LM"
     meta_type = GenerationMeta
     packs = True  # plain text, completion and chat rows alike (fastpath.packing decides per run)
+    pipeline_tag = "text-generation"
+    auto_class = AutoModelForCausalLM
     classifies, generates, chat = False, True, True
 
     def main_metric(self, meta: Meta) -> str:
@@ -178,8 +180,11 @@ class CausalLM:
 
     # --- model, evaluation, prediction ---------------------------------------------------
 
+    def model_kwargs(self, meta) -> dict[str, Any]:
+        return {}
+
     def load_model(self, model, meta):
-        base = load_base(model, AutoModelForCausalLM)
+        base = load_base(model, self.auto_class)
         if base.config.pad_token_id is None and base.config.eos_token_id is not None:
             eos = base.config.eos_token_id
             base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos

@@ -23,6 +23,8 @@ class Seq2Seq:
     peft_task_type = "SEQ_2_SEQ_LM"
     meta_type = GenerationMeta
     packs = False
+    pipeline_tag = "text2text-generation"
+    auto_class = AutoModelForSeq2SeqLM
     classifies, generates, chat = False, True, False
 
     def main_metric(self, meta: Meta) -> str:
@@ -73,8 +75,11 @@ class Seq2Seq:
     def packed_collator(self, tokenizer) -> None:
         return None  # packing (fastpath) is for decoder-only rows
 
+    def model_kwargs(self, meta) -> dict[str, Any]:
+        return {}
+
     def load_model(self, model, meta):
-        return load_base(model, AutoModelForSeq2SeqLM)
+        return load_base(model, self.auto_class)
 
     def evaluate(self, model, tokenizer, raw, encoded, data, meta, max_length, batch_size):
         references = gen.check_targets(raw, data, "the evaluation data")

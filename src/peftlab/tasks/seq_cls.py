@@ -61,6 +61,8 @@ class SequenceClassification:
     peft_task_type = "SEQ_CLS"
     meta_type = ClassificationMeta
     packs = False
+    pipeline_tag = "text-classification"
+    auto_class = AutoModelForSequenceClassification
     classifies, generates, chat = True, False, False
 
     def main_metric(self, meta: Meta) -> str:
@@ -171,7 +173,7 @@ class SequenceClassification:
 
     # --- model --------------------------------------------------------------------------
 
-    def load_model(self, model: ModelConfig, meta: Meta):
+    def model_kwargs(self, meta: Meta) -> dict[str, Any]:
         meta = ClassificationMeta.of(meta)
         labels = meta.labels
         kwargs: dict[str, Any] = {"num_labels": len(labels)}
@@ -180,7 +182,10 @@ class SequenceClassification:
         else:
             kwargs["id2label"] = dict(enumerate(labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
-        base = load_base(model, AutoModelForSequenceClassification, **kwargs)
+        return kwargs
+
+    def load_model(self, model: ModelConfig, meta: Meta):
+        base = load_base(model, self.auto_class, **self.model_kwargs(meta))
         if base.config.pad_token_id is None and getattr(base.config, "eos_token_id", None) is not None:
             eos = base.config.eos_token_id
             base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
