@@ -222,3 +222,12 @@ def test_adalora_schedule_follows_the_run_and_masks_the_kept_ranks(make_config):
     assert peft_config.total_step == 32  # 2 epochs x 16 steps
     assert peft_config.rank_pattern  # the budget was allocated
     assert any("AdaLoRA kept" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_adalora_trains_a_run_of_one_or_two_steps(make_config, steps):
+    """The shortest budgets leave no warm-up (tinit = tfinal = 0): the rank allocation must still have importance
+    scores to rank by (peft counts its steps from 0)."""
+    result = train(make_config("bert", "adalora", **{"training.max_steps": steps}))
+    assert result.model.peft_config["default"].total_step == steps
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
