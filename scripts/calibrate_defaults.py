@@ -11,7 +11,9 @@ under the output folder and prints, per method, the mean score over seeds at eac
 majority-class baseline the comparisons recorded (classification; "beats" is reckoned as the
 comparison's verdict reckons it), and the chosen rate: the best
 mean, and the smallest rate within one point of it (a faster rate that is no better is not
-chosen). ``--report-only`` skips training. The table and the chosen rates are written to
+chosen); the default itself stays unless the best rate beats it by more than the comparison's margin (two
+standard errors of the default's score on the evaluation rows: one seed on 100 rows cannot tell 0.75 from
+0.77). ``--report-only`` skips training. The table and the chosen rates are written to
 ``calibration.json`` and ``calibration.md`` in the output folder (docs/techniques.md quotes them).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,27 +45,40 @@ def run_factor(config, methods: list[str], factor: float, seeds: list[int], out:
     compare(config, methods=methods, seeds=seeds, method_overrides=overrides, out_dir=out / f"x{factor:g}")
 
 
-def collect(out: Path) -> dict[str, dict[float, list[float]]]:
-    """method -> learning rate -> main metric per finished seed, over every factor folder."""
+def collect(out: Path) -> tuple[dict[str, dict[float, list[float]]], dict[str, float]]:
+    """(method -> learning rate -> main metric per finished seed, method -> the default rate swept from), over every
+    factor folder (``x<factor>``: the rate over the factor is the default the sweep started from, whatever the
+    registry says now)."""
     scores: dict[str, dict[float, list[float]]] = {}
+    swept_from: dict[str, float] = {}
     for results in sorted(out.glob("x*/results.json")):
+        factor = float(results.parent.name[1:])
         for row in json.loads(results.read_text())["rows"]:
             if row.get("status") == "ok" and row.get("main_value") is not None:
-                scores.setdefault(row["method"], {}).setdefault(float(row["learning_rate"]), []).append(
-                    float(row["main_value"]))
-    return scores
+                lr = float(row["learning_rate"])
+                scores.setdefault(row["method"], {}).setdefault(lr, []).append(float(row["main_value"]))
+                swept_from.setdefault(row["method"], float(f"{lr / factor:.3g}"))
+    return scores, swept_from
 
 
-def choose(rates: dict[float, list[float]], tolerance: float = 0.01) -> float:
+def choose(rates: dict[float, list[float]], default: float | None = None, keep_margin: float = 0.0,
+           tolerance: float = 0.01) -> float:
+    """The smallest rate within ``tolerance`` of the best mean; but the default itself unless the best beats it by
+    more than ``keep_margin`` (the comparison's margin: a default moves only on clear evidence)."""
     means = {lr: statistics.fmean(v) for lr, v in rates.items()}
     best = max(means.values())
+    current = next((lr for lr in means if default is not None and math.isclose(lr, default, rel_tol=1e-6)), None)
+    if current is not None and best - means[current] <= keep_margin:
+        return current
     return min(lr for lr, mean in means.items() if mean >= best - tolerance)
 
 
-def report(out: Path, defaults: dict[str, float]) -> dict:
+def report(out: Path) -> dict:
     from peftlab.comparison.baselines import beats, margin
 
-    scores = collect(out)
+    scores, defaults = collect(out)
+    if not scores:
+        raise SystemExit(f"no finished runs under {out}/x*/results.json: run the sweep first (without --report-only)")
     reference = majority(out)
     baseline = reference["value"] if reference else None
     factors = sorted({round(lr / defaults[m], 3) for m, per in scores.items() for lr in per})
@@ -70,7 +86,10 @@ def report(out: Path, defaults: dict[str, float]) -> dict:
              "|---|---|" + "---|" * len(factors) + "---|---|"]
     chosen = {}
     for method, per in scores.items():
-        pick = choose(per)
+        current = statistics.fmean(next((v for lr, v in per.items() if math.isclose(lr, defaults[method], rel_tol=1e-6)),
+                                        [baseline or 0.0]))
+        pick = choose(per, defaults[method], margin(reference["metric"], current, reference.get("samples"))
+                      if reference else 0.0)
         mean = statistics.fmean(per[pick])
         chosen[method] = {"learning_rate": pick, "score": mean, "seeds": len(per[pick]),
                           "beats_majority": None if reference is None else beats(
@@ -105,17 +124,16 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from peftlab import load_config
-    from peftlab.comparison.plan import default_learning_rates, methods_for
+    from peftlab.comparison.plan import methods_for
 
     config = load_config(args.recipe, args.set)
-    defaults = default_learning_rates(config.task)  # read before the registry changes: the rates swept from
     methods = methods_for(config, args.methods.split(",") if args.methods else None)
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.report_only:
         for factor in (float(f) for f in args.factors.split(",")):
             print(f"--- factor x{factor:g}: {len(methods)} methods x {len(seeds)} seed(s)", flush=True)
             run_factor(config, methods, factor, seeds, args.out)
-    report(args.out, defaults)
+    report(args.out)
 
 
 if __name__ == "__main__":

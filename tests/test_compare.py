@@ -270,13 +270,20 @@ def test_the_docs_table_of_default_rates_is_the_registrys():
     """docs/compare.md's table says what the registry holds (each technique once)."""
     text = (Path(__file__).parents[1] / "docs" / "compare.md").read_text()
     section = text.split("## Learning rates", 1)[1].split("\n## ", 1)[0]
-    documented, seq_cls = {}, {}
-    for cells in (line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `")):
+    header = next(line for line in section.splitlines() if line.startswith("| technique |"))
+    families = [cell.strip() for cell in header.split("|")[3:-2]]  # between "default" and "where it comes from"
+    assert families and set(families) <= {"seq-cls", "seq2seq", "causal-lm"}
+    documented, per_family = {}, {family: {} for family in families}
+    for cells in (line.split("|")[1:] for line in section.splitlines() if line.startswith("| `")):
         for name in re.findall(r"`([^`]+)`", cells[0]):
             documented[name] = float(cells[1])
-            seq_cls[name] = float(cells[1]) if cells[2].strip() == "=" else float(cells[2])
+            for family, cell in zip(families, cells[2:]):
+                per_family[family][name] = float(cells[1]) if cell.strip() == "=" else float(cell)
     assert documented == {name: spec.learning_rate for name, spec in METHODS.items()}
-    assert seq_cls == {name: spec.learning_rate_for("seq-cls") for name, spec in METHODS.items()}
+    for family in families:
+        assert per_family[family] == {name: spec.learning_rate_for(family) for name, spec in METHODS.items()}, family
+    own = {family for spec in METHODS.values() for family in spec.task_learning_rates}
+    assert own <= set(families)  # every family with rates of its own has a column
 
 
 NEW_IN_COMPARE = ["dora", "lora-plus", "pissa", "adalora", "vera", "ln-tuning", "bitfit", "full"]

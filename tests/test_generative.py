@@ -208,16 +208,17 @@ def test_bert2bert_takes_its_encoders_default_targets(tiny_models, generative_da
 
 
 @pytest.mark.parametrize(("method", "options", "rate", "new_rate"), [
-    ("ia3", {}, 8e-3, 2e-3),  # a small technique's high rate: the layers trained from scratch are capped
+    ("ia3", {}, 8e-3, 2e-3),  # a small technique's high rate: the layers trained from scratch get their own
     ("prompt", {}, 3e-2, 2e-3),
-    ("lora", {}, 1e-3, 1e-3),  # a rate below the cap stays
+    ("full", {}, 2e-5, 2e-3),  # and full fine-tuning's low one too
+    ("lora", {}, 1e-3, 2e-3),
     ("ia3", {"training.new_weights_learning_rate": 5e-4}, 8e-3, 5e-4),  # the user's rate wins
 ])
 def test_weights_the_checkpoint_lacked_train_at_their_own_rate(tiny_models, generative_data, tmp_path, method, options,
                                                                rate, new_rate):
     """BERT2BERT's cross-attention is a set of whole layers trained from scratch: at IA3's or prompt tuning's rate
-    AdamW wrecks them (the offline seq2seq recipe generated nothing), so they get their own, capped rate; the
-    technique's own weights keep the technique's."""
+    AdamW wrecks them, and full fine-tuning's barely moves them (the offline seq2seq recipe generated nothing), so
+    they get their own rate; the technique's own weights keep the technique's."""
     from peftlab import fastpath
     from peftlab.loop import build_optimizer
     from peftlab.method_stage import build_model, new_weight_names, new_weights_rate

@@ -162,8 +162,8 @@ class TrainingConfig(_Section):
     new_weights_learning_rate: float | None = Field(
         None, gt=0, description="The rate of the weights the base checkpoint lacks (drawn at random on load, trained "
                                 "in full and saved with every technique: a warm-started encoder-decoder's cross-"
-                                "attention, DeBERTa's pooler); default: learning_rate, at most 2e-3. Not the "
-                                "classification head, which trains at learning_rate.")
+                                "attention, DeBERTa's pooler); default 2e-3, whatever the technique's rate. Not "
+                                "the classification head, which trains at learning_rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     warmup_steps: int | None = Field(None, ge=0, description="Wins over warmup_ratio.")
