@@ -29,9 +29,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("checked config", ["peftlab.recipe"]),
     ("method stage, run directories", ["peftlab.method_stage", "peftlab.checkpoint", "peftlab.rundir",
                                          "peftlab.adapters", "peftlab.card", "peftlab.artifacts"]),
-    ("training, evaluation", ["peftlab.evaluation", "peftlab.loop", "peftlab.train", "peftlab.inference",
-                              "peftlab.eval_report"]),
-    ("merge, comparison, serving", ["peftlab.merge", "peftlab.quickstart", "peftlab.comparison",
+    ("training, evaluation", ["peftlab.evaluation", "peftlab.tracking", "peftlab.loop", "peftlab.train",
+                              "peftlab.inference", "peftlab.eval_report"]),
+    ("merge, comparison, serving", ["peftlab.merge", "peftlab.hub", "peftlab.quickstart", "peftlab.comparison",
                                     "peftlab.comparison.*", "peftlab.serving", "peftlab.serving.*"]),
     ("entry points", ["peftlab.cli", "peftlab.__main__", "peftlab"]),
 ]

@@ -17,11 +17,13 @@ from peftlab import compat  # noqa: E402
 compat.silence_upstream_notices()  # upstream's notices about its own code (compat.py)
 
 from peftlab.artifacts import LoadedAdapter, load_adapter  # noqa: E402
+from peftlab.card import write_card  # noqa: E402
 from peftlab.catalog import get_recipe  # noqa: E402
 from peftlab.comparison import CompareResult, compare  # noqa: E402
 from peftlab.config import RunConfig  # noqa: E402
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.eval_report import ClassificationReport, classification_report  # noqa: E402
+from peftlab.hub import PushResult, push  # noqa: E402
 from peftlab.inference import evaluate, logits, predict  # noqa: E402
 from peftlab.merge import MergeResult, combine, merge  # noqa: E402
 from peftlab.recipe import build_config, load_config, load_recipe  # noqa: E402
@@ -29,7 +31,7 @@ from peftlab.train import RunResult, train  # noqa: E402
 
 __all__ = ["__version__", "ClassificationReport", "CompareResult", "LoadedAdapter", "MergeResult", "PeftlabError", "RunConfig", "RunResult", "build_config",
            "classification_report", "combine", "compare", "evaluate", "load_adapter", "load_config", "load_recipe", "logits", "merge",
-           "predict", "train", "recipe_path"]
+           "predict", "train", "recipe_path", "PushResult", "push", "write_card"]
 
 
 def recipe_path(name: str):

@@ -35,8 +35,9 @@ from peftlab.errors import ConfigError, PeftlabError
 
 PREFIX = "step-"
 # settings that may change between the interrupted run and its resumption
-RESUMABLE_CHANGES = {"training.progress", "training.tensorboard", "training.log_every", "training.eval_batch_size",
-                     "training.checkpoint_every", "training.checkpoint_keep", "training.checkpoint_dir"}
+RESUMABLE_CHANGES = {"training.progress", "training.tensorboard", "training.report_to", "training.log_every",
+                     "training.eval_batch_size", "training.checkpoint_every", "training.checkpoint_keep",
+                     "training.checkpoint_dir"}
 
 
 class TrainingInterrupted(PeftlabError):
@@ -87,6 +88,7 @@ class TrainingState:
     best_score: float | None = None
     best_entry: dict[str, Any] | None = None
     best_weights: dict[str, torch.Tensor] | None = None
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker -> its run id (a resumed run continues it)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "best_weights"}

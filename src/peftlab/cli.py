@@ -443,6 +443,50 @@ def combine(
     out.print(f"combined {len(adapter_dirs)} adapters ({combination}) into {escape(str(path))}", highlight=False)
 
 
+@app.command()
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, a merged model or a combined adapter.")],
+) -> None:
+    """Write the model card (README.md, with loss_curve.png) from the folder's own files: for a run of an
+    earlier peftlab version, whose README.md is peft's empty template."""
+    from peftlab import write_card
+    from peftlab.card import LOSS_CURVE
+
+    path = write_card(run_dir)
+    curve = f" and {LOSS_CURVE}" if f"]({LOSS_CURVE})" in path.read_text() else ""
+    out.print(f"wrote {escape(str(path))}{curve}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or a merged / combined output) with its card.")],
+    repo_id: Annotated[str, typer.Argument(help="The Hub model repo: NAME or NAMESPACE/NAME (created if needed).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and list what would be uploaded; upload "
+                                                            "nothing (no token or network needed).")] = False,
+) -> None:
+    """Upload a run to the Hugging Face Hub: its card, adapter (or model), tokenizer and loss curve; never its
+    local records, checkpoints or staging folders. Needs a token (hf auth login, or HF_TOKEN)."""
+    from peftlab import push as run
+
+    result = run(run_dir, repo_id, private=private, dry_run=dry_run)
+    visibility = " (private)" if private else ""
+    out.print(f"{escape(str(run_dir))} -> {escape(repo_id)}{visibility}: {len(result.files)} files, "
+              f"{_size(result.total_bytes)}", highlight=False, soft_wrap=True)
+    width = max(len(name) for name, _ in result.files)
+    for name, size in result.files:
+        out.print(f"  {escape(name):{width}}  {_size(size):>9}", highlight=False, soft_wrap=True)
+    if result.left_out:
+        out.print(f"not uploaded (local records, logs, reports): {escape(', '.join(result.left_out))}",
+                  style="dim", highlight=False, soft_wrap=True)
+    for line in result.notes:
+        out.print(f"note: {escape(line)}", highlight=False, soft_wrap=True)
+    if dry_run:
+        out.print("dry run: nothing was uploaded", highlight=False)
+    else:
+        out.print(f"uploaded to {result.url}", highlight=False, soft_wrap=True)
+
+
 def _named_dirs(values: list[str]) -> dict[str, str]:
     named: dict[str, str] = {}
     for value in values:

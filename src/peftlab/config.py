@@ -28,6 +28,7 @@ from peftlab.errors import ConfigError, did_you_mean
 
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # training.report_to (peftlab.tracking)
 
 
 class _Section(BaseModel):
@@ -190,13 +191,42 @@ class TrainingConfig(_Section):
         None, description="Classification: weight the training loss per class; balanced = n_samples / (n_classes * "
                           "count) as scikit-learn, or a mapping label -> weight (labels left out: 1).")
     log_every: int = Field(10, ge=1)
-    tensorboard: bool = False
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that follow the run (any of tensorboard, mlflow, "
+                                          "wandb; docs/training.md): the config as parameters, the loss every "
+                                          "log_every steps, each evaluation, the run directory as artifacts. "
+                                          "(training.tensorboard: true, the older form, adds tensorboard.)")
     progress: bool = True
     checkpoint_every: int | None = Field(
         200, ge=1, description="Save a resumable checkpoint every N optimizer steps (null: only on Ctrl-C)."
     )
     checkpoint_keep: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
     checkpoint_dir: str | None = Field(None, description="Default: <output_dir>.checkpoints beside the output.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_flag(cls, data: Any) -> Any:
+        """``tensorboard: true`` (before report_to existed; still in saved runs as ``tensorboard: false``) is
+        ``report_to: [tensorboard]``."""
+        if not isinstance(data, dict) or "tensorboard" not in data:
+            return data
+        data = dict(data)
+        flag = data.pop("tensorboard")
+        if not isinstance(flag, bool) and flag is not None:
+            raise ValueError(f"`tensorboard` is {_shown(flag)}, but it must be true or false (or write "
+                             "report_to: [tensorboard])")
+        if flag:
+            report = _tracker_list(data.get("report_to"))
+            data["report_to"] = report + ["tensorboard"] if isinstance(report, list) and \
+                "tensorboard" not in report else report
+        return data
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        value = _tracker_list(value)
+        return list(dict.fromkeys(value)) if isinstance(value, list) and all(isinstance(v, str) for v in value) \
+            else value
 
     @field_validator("eval_strategy", mode="before")
     @classmethod
@@ -223,6 +253,15 @@ class TrainingConfig(_Section):
         if self.eval_strategy == "steps" and not self.eval_steps:
             raise ValueError("eval_strategy=steps needs eval_steps")
         return self
+
+
+def _tracker_list(value: Any) -> Any:
+    """report_to as written: one name, a comma-separated text ("mlflow,wandb"), none / null, or a list."""
+    if value is None or value in ("none", ""):
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 class GenerationConfig(_Section):

@@ -24,7 +24,6 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from peftlab import fastpath
 from peftlab.checkpoint import Checkpointer, StopRequest, TrainingState
 from peftlab.config import TrainingConfig
-from peftlab.errors import ConfigError
 from peftlab.evaluation import Evaluator
 from peftlab.methods import MethodSpec
 from peftlab.progress import TrainingProgress
@@ -98,15 +97,6 @@ def build_scheduler(training: TrainingConfig, optimizer: torch.optim.Optimizer, 
     return get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
-def tensorboard(directory, first_step: int = 0):
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # optional dependency: only with training.tensorboard
-    except ImportError:
-        raise ConfigError("training.tensorboard needs the tensorboard package",
-                          "pip install 'peftlab[tensorboard]'") from None
-    return SummaryWriter(str(directory), purge_step=first_step or None)
-
-
 class Clock:
     """Training time, counting what a resumed run had trained before."""
 
@@ -144,9 +134,10 @@ class Fitted:
 
 
 def fit(loop: Loop, state: TrainingState, evaluator: Evaluator, checkpointer: Checkpointer, clock: Clock,
-        emit: Callable[[str, dict[str, Any]], None], writer=None) -> Fitted:
+        emit: Callable[[str, dict[str, Any]], None], tracker=None) -> Fitted:
     """Train from ``state`` to ``loop.total_steps``, evaluating as ``training.eval_strategy`` says and once at
-    the end (unless the last step was just evaluated)."""
+    the end (unless the last step was just evaluated); ``tracker`` (:class:`peftlab.tracking.Tracking`) gets the
+    loss curve."""
     accelerator, model, training = loop.accelerator, loop.model, loop.training
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -191,7 +182,7 @@ def fit(loop: Loop, state: TrainingState, evaluator: Evaluator, checkpointer: Ch
                 learning_rate = loop.scheduler.get_last_lr()[0]
                 emit("step", {"step": state.step, "loss": step_loss, "learning_rate": learning_rate,
                               "tokens": state.tokens, "seconds": clock()})
-                _log_loss(state, step_loss, learning_rate, training.log_every, writer)
+                _log_loss(state, step_loss, learning_rate, training.log_every, tracker)
                 if ((training.eval_strategy == "steps" and state.step % training.eval_steps == 0)
                         or (training.eval_strategy == "epoch" and end_of_epoch)):
                     evaluator.record(state, loop.steps_per_epoch)
@@ -210,14 +201,13 @@ def fit(loop: Loop, state: TrainingState, evaluator: Evaluator, checkpointer: Ch
     return Fitted(seconds, [hint] if hint else [])
 
 
-def _log_loss(state: TrainingState, loss: float, learning_rate: float, every: int, writer) -> None:
-    """The loss curve: the mean step loss of every ``every`` steps (also to TensorBoard)."""
+def _log_loss(state: TrainingState, loss: float, learning_rate: float, every: int, tracker) -> None:
+    """The loss curve: the mean step loss of every ``every`` steps (also to the trackers, training.report_to)."""
     state.unlogged.append(loss)
     if state.step % every:
         return
     logged = {"step": state.step, "loss": sum(state.unlogged) / len(state.unlogged), "learning_rate": learning_rate}
     state.losses.append(logged)
     state.unlogged = []
-    if writer:
-        writer.add_scalar("train/loss", logged["loss"], state.step)
-        writer.add_scalar("train/learning_rate", learning_rate, state.step)
+    if tracker:
+        tracker.log(state.step, {"train/loss": logged["loss"], "train/learning_rate": learning_rate})

@@ -27,14 +27,13 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from peft import PeftModel
 
-from peftlab import artifacts, checkpoint, fastpath, placement
+from peftlab import artifacts, checkpoint, fastpath, placement, tracking
 from peftlab.checkpoint import Checkpointer, TrainingState
 from peftlab.config import RunConfig
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, PeftlabError
 from peftlab.evaluation import Evaluator
-from peftlab.loop import Clock, Fitted, Loop, build_optimizer, build_scheduler, data_loader, fit, tensorboard, \
-    total_steps
+from peftlab.loop import Clock, Fitted, Loop, build_optimizer, build_scheduler, data_loader, fit, total_steps
 from peftlab.method_stage import build_model, count_parameters, mixed_precision, new_weight_names, new_weights_rate
 from peftlab.methods import MethodSpec, get_method
 from peftlab.model import load_model_config, load_tokenizer, max_positions
@@ -100,7 +99,7 @@ class Prepared:
 
 
 def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, evaluate_before: bool = False,
-          on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunResult:
+          on_event: Callable[[str, dict[str, Any]], None] | None = None, experiment: str | None = None) -> RunResult:
     """Train an adapter (or, with method ``full``, the whole model) as ``config`` says and write the run directory.
 
     Args:
@@ -110,39 +109,46 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, e
         evaluate_before: also evaluate the untrained adapter (reported as ``initial_metrics``).
         on_event: called with ("step", {step, loss, ...}), ("evaluation", metrics) and ("checkpoint", {step, path}),
             for callers that report progress.
+        experiment: the group of runs this one belongs to in the trackers of ``training.report_to`` (MLflow's
+            experiment, W&B's group); ``peftlab compare`` passes its folder's name.
     """
     config = config.with_absolute_paths()  # the saved run (and its adapter_config.json) works from anywhere
     out = Path(config.output_dir)
     artifacts.check_output_dir(out, overwrite)
     _check_placement(config.model)
+    trackers = tracking.trackers(config.training.report_to)  # a missing package fails here, before any work
     run = prepare(config, resume=resume, overwrite=overwrite)
     main_process = run.accelerator.is_main_process
     emit = (on_event if main_process else None) or (lambda kind, data: None)
     checkpoints = checkpoint.directory_for(config)
-    with artifacts.staging_dir(out, overwrite) if main_process else _no_staging() as staging:
-        writer = tensorboard(staging / "tensorboard", run.state.step) if config.training.tensorboard and staging \
-            else None
-        run.evaluator.listeners[:] = [_scalars(writer), lambda entry: emit("evaluation", entry)]
+    with artifacts.staging_dir(out, overwrite) if main_process else _no_staging() as staging, \
+            trackers if main_process else tracking.Tracking() as tracker:
+        if tracker:
+            tracker.start(tracking.RunInfo(out.name, out, staging, experiment, {"method": run.spec.name,
+                                           "task": config.task}, run.state.step, dict(run.state.trackers)),
+                          tracking.params(config))
+            run.state.trackers = tracker.ids  # saved with each checkpoint: a resumed run continues these
+        run.evaluator.listeners[:] = [tracker.evaluation, lambda entry: emit("evaluation", entry)]
         initial = None
         if evaluate_before and not run.resumed:
             initial = run.evaluator.evaluate()
+            tracker.evaluation({"step": 0, **initial})
             emit("initial", initial)
         clock = Clock(run.state.seconds)
         every = None if _sharded(run.accelerator) else config.training.checkpoint_every
         checkpointer = Checkpointer(checkpoints, run.accelerator, run.loop.model, run.loop.optimizer,
                                     run.loop.scheduler, config, run.spec, every, config.training.checkpoint_keep,
                                     clock, lambda step, path: emit("checkpoint", {"step": step, "path": str(path)}))
-        fitted = fit(run.loop, run.state, run.evaluator, checkpointer, clock, emit, writer)
+        fitted = fit(run.loop, run.state, run.evaluator, checkpointer, clock, emit, tracker)
         metrics, adapter_bytes, notes = _finish(run, fitted, staging, initial)
-        if writer:
-            writer.close()
+        tracker.finish(staging, run.state.step, metrics)  # the saved run directory as artifacts (before the rename)
     run.accelerator.wait_for_everyone()
     if main_process:
         checkpoint.clear(checkpoints)
     return RunResult(output_dir=out, method=run.spec.name, task=config.task, main_metric=run.evaluator.main_metric,
                      metrics=metrics, initial_metrics=initial, history=run.state.history,
                      trainable_params=run.trainable, total_params=run.total, train_seconds=fitted.seconds,
-                     adapter_bytes=adapter_bytes, notes=notes,
+                     adapter_bytes=adapter_bytes, notes=notes + tracker.notes,
                      losses=run.state.losses, model=run.unwrapped.eval(), tokenizer=run.tokenizer)
 
 
@@ -272,16 +278,6 @@ def _finish(run: Prepared, fitted: Fitted, staging: Path | None,
                        {**metrics, "initial": initial, "history": state.history, "losses": state.losses},
                        state_dict=weights, initial_adapter=run.initial_adapter)
     return metrics, artifacts.weights_bytes(staging), notes
-
-
-def _scalars(writer) -> Callable[[dict[str, Any]], None]:
-    """An evaluation listener that writes the metrics to TensorBoard (nothing without a writer)."""
-    def write(entry: dict[str, Any]) -> None:
-        if writer:
-            for key, value in entry.items():
-                if key not in {"step", "epoch"}:
-                    writer.add_scalar(f"eval/{key}", value, entry["step"])
-    return write
 
 
 def _sharded(accelerator: Accelerator) -> bool:

@@ -256,7 +256,7 @@ def time_training(config: RunConfig, steps: int, repeats: int) -> list[dict[str,
     from step 0 of the same data order (the weights go on changing: the figures are speeds, not results).
     Each measurement: samples/s, tokens/s and the machine's load meanwhile."""
     training = config.training.model_copy(update={"max_steps": steps, "eval_strategy": "no", "progress": False,
-                                                  "checkpoint_every": None, "tensorboard": False})
+                                                  "checkpoint_every": None, "report_to": []})
     probe = config.model_copy(update={"training": training})
     release_memory()
     run = prepare(probe, overwrite=True)

@@ -105,6 +105,10 @@ class PlannedRun:
         settings = self.config.to_dict()
         settings.pop("output_dir")
         settings["training"].pop("progress")
+        # trackers do not change training: report_to is left out, and the key reads as before it existed
+        # (training.tensorboard: false), so a comparison folder of an earlier version keeps its finished runs
+        settings["training"].pop("report_to", None)
+        settings["training"]["tensorboard"] = False
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

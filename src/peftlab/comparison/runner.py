@@ -110,15 +110,17 @@ def _numbers(metrics: dict[str, Any] | None) -> dict[str, float]:
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
 
 
-def train_one(run: PlannedRun, on_event=None, repeat_timing: int = 0) -> dict[str, Any]:
+def train_one(run: PlannedRun, on_event=None, repeat_timing: int = 0,
+              experiment: str | None = None) -> dict[str, Any]:
     """Train one run and measure it; the row (status "ok"), or raises what train() raised. ``repeat_timing``: measure
-    its throughput again that many times (measure.time_training) after the run."""
+    its throughput again that many times (measure.time_training) after the run; ``experiment``: the trackers'
+    experiment / group (training.report_to)."""
     training = run.config.training
     release_memory()
     started = time.perf_counter()
     with MachineLoad() as load, PeakMemory() as peak:
         recorder = StepRecorder(on_event, on_step=peak.step)
-        result = train(run.config, overwrite=True, evaluate_before=True, on_event=recorder)
+        result = train(run.config, overwrite=True, evaluate_before=True, on_event=recorder, experiment=experiment)
     wall = time.perf_counter() - started
     initial = _numbers(result.initial_metrics)
     row = {
@@ -174,7 +176,9 @@ def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[
         lr_sweep: learning rates per method, on the 1-3-10 ladder around its base rate
             (3 -> x0.3, x1, x3).
         out_dir: the comparison folder: ``runs/<run>/`` adapters, ``results.json`` / ``.csv`` /
-            ``.md``, ``report.html``. Finished runs already in it are kept, not retrained.
+            ``.md``, ``report.html``. Finished runs already in it are kept, not retrained. With
+            ``training.report_to``, the trackers group the runs as one experiment named after this folder
+            (MLflow's experiment, W&B's group).
         progress: show the progress display (stderr).
         repeat_timing: after each run, measure its training throughput again this many times (a few
             training steps each, no evaluation); the table shows the median and the range.
@@ -223,7 +227,7 @@ def compare(config: RunConfig, *, methods: list[str] | None = None, seeds: list[
                     continue
                 display.start(run)
                 try:
-                    row = train_one(run, display.on_event, repeat_timing)
+                    row = train_one(run, display.on_event, repeat_timing, out_dir.absolute().name)
                     _error_log(run, out_dir).unlink(missing_ok=True)  # from an earlier, failed try
                 except TrainingInterrupted:  # Ctrl-C inside train(): the user stops the comparison
                     raise
