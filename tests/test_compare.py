@@ -353,13 +353,14 @@ def test_report_renders_table_and_figures_in_headless_chromium(all_methods, tmp_
     shot = tmp_path / "report.png"
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2200",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,3200",
                     "--hide-scrollbars", all_methods.report.resolve().as_uri()],
                    check=True, capture_output=True, timeout=120)
     image = Image.open(shot).convert("RGB")
-    assert image.size == (1280, 2200)
+    assert image.size == (1280, 3200)
     colors = image.getcolors(maxcolors=1 << 20)
     counts = {rgb: n for n, rgb in colors}
+    # (a tall window: the verdict above the figures grows with the techniques' budget hints)
     # the summary table's header row (#f3f5f8) and the figures: matplotlib's tab10 colours, one per
     # method, only drawn when the embedded PNGs decode (a broken image shows none of them)
     assert counts.get((0xF3, 0xF5, 0xF8), 0) > 5000, "the table header is not rendered"
