@@ -576,7 +576,9 @@ register(_compact(
 register(_prompt(
     name="prefix",
     learning_rate=1e-2,
-    budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes it stayed at the majority class at every rate from 3e-3 to 1e-1 and every budget up to 360 steps: its MLP-made prefixes outgrow the real tokens' keys and values until every review gets the same [CLS] output; use ptuning-v2 (the same prefixes without the MLP) (docs/techniques.md#calibrated-defaults)")},
+    budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes it stayed at the majority class at every rate from 3e-3 to 1e-1 and every budget up to 360 steps: its MLP-made prefixes outgrow the real tokens' keys and values until every review gets the same [CLS] output; use ptuning-v2 (the same prefixes without the MLP) (docs/techniques.md#calibrated-defaults)"),
+                  "causal-lm": BudgetHint("on SmolLM2 / Rotten Tomatoes labels it stayed below always answering \"positive\" (0.66) at 0.3x-3x its rate for 30 steps of batch 8 and at its rate up to 120 steps (0.00 / 0.58 / 0.21 / 0.34 every 30): unstable there; LoRA scored 0.81 at 30 (docs/techniques.md#calibrated-defaults)"),
+                  "seq2seq": BudgetHint("on the offline BERT2BERT / Rotten Tomatoes labels it generated almost nothing after 100 steps of batch 16 at 0.3x-3x its rate (accuracy 0.00-0.01, LoRA 0.71) (docs/techniques.md#calibrated-defaults)")},
     title="Prefix tuning (MLP-reparameterised)",
     summary="Prefix tuning: trainable key/value prefixes in every layer, reparameterised by an MLP "
             "during training (Li & Liang 2021).",
@@ -590,7 +592,9 @@ register(_prompt(
 register(_prompt(
     name="ptuning-v2",
     learning_rate=3e-2,
-    budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes 0.732 at 120 steps (majority class 0.596), still the majority class at 60 (docs/techniques.md#calibrated-defaults)", steps=120)},
+    budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes 0.732 at 120 steps (majority class 0.596), still the majority class at 60 (docs/techniques.md#calibrated-defaults)", steps=120),
+                  "causal-lm": BudgetHint("on SmolLM2 / Rotten Tomatoes labels it stayed below always answering \"positive\" (0.66) at 0.3x-3x its rate for 30 steps of batch 8 (0.46-0.56) and at its rate up to 120 steps (0.34 / 0.47 / 0.66 / 0.60 every 30); LoRA scored 0.81 at 30 (docs/techniques.md#calibrated-defaults)"),
+                  "seq2seq": BudgetHint("on the offline BERT2BERT / Rotten Tomatoes labels it generated almost nothing after 100 steps of batch 16 at 0.3x-3x its rate (accuracy 0.01-0.17, LoRA 0.71) (docs/techniques.md#calibrated-defaults)")},
     title="P-tuning v2 (deep prompts)",
     summary="P-tuning v2: deep prompts in every layer, trained directly without reparameterisation "
             "(Liu et al. 2021); prefix tuning as used for understanding tasks.",
@@ -616,7 +620,7 @@ register(_prompt(
 register(_prompt(
     name="ptuning",
     learning_rate=1e-2,
-    task_learning_rates={"seq-cls": 0.03},  # calibrated at 120 steps: scripts/calibrate_defaults.py
+    task_learning_rates={"seq-cls": 0.03, "causal-lm": 3e-3},  # calibrated (seq-cls at 120 steps): calibrate_defaults
     budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes 0.696 at 120 steps (majority class 0.596), still the majority class at 60 at every rate tried (docs/techniques.md#calibrated-defaults)", steps=120)},
     title="P-tuning (prompt encoder)",
     summary="P-tuning: virtual input tokens produced by a prompt encoder, MLP or LSTM (Liu et al. 2021).",
@@ -776,7 +780,7 @@ register(_adapter(
 register(_compact(
     name="loha",
     learning_rate=3e-3,
-    task_learning_rates={"seq-cls": 0.03},  # calibrated: scripts/calibrate_defaults.py
+    task_learning_rates={"seq-cls": 0.03, "causal-lm": 9e-3},  # calibrated: scripts/calibrate_defaults.py
     test_learning_rate=2e-2,
     title="LoHa (low-rank Hadamard product)",
     summary="LoHa: the weight update as the Hadamard product of two low-rank products (Hyeon-Woo et al. 2022; "
@@ -804,7 +808,7 @@ register(_compact(
 register(_compact(
     name="vera",
     learning_rate=1e-2,
-    task_learning_rates={"seq-cls": 0.1},  # calibrated: scripts/calibrate_defaults.py
+    task_learning_rates={"seq-cls": 0.1, "causal-lm": 0.03},  # calibrated: scripts/calibrate_defaults.py
     test_learning_rate=5e-2,
     title="VeRA (shared random projections)",
     summary="VeRA: one pair of frozen random low-rank matrices shared by all layers; only per-layer scaling vectors "
