@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                          "peftlab.adapters", "peftlab.card", "peftlab.artifacts"]),
     ("training, evaluation", ["peftlab.evaluation", "peftlab.tracking", "peftlab.loop", "peftlab.train",
                               "peftlab.inference", "peftlab.eval_report"]),
-    ("merge, comparison, serving", ["peftlab.merge", "peftlab.hub", "peftlab.quickstart", "peftlab.comparison",
+    ("merge, comparison, serving", ["peftlab.merge", "peftlab.export", "peftlab.hub", "peftlab.quickstart", "peftlab.comparison",
                                     "peftlab.comparison.*", "peftlab.serving", "peftlab.serving.*"]),
     ("entry points", ["peftlab.cli", "peftlab.__main__", "peftlab"]),
 ]

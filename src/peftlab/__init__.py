@@ -23,6 +23,7 @@ from peftlab.comparison import CompareResult, compare  # noqa: E402
 from peftlab.config import RunConfig  # noqa: E402
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.eval_report import ClassificationReport, classification_report  # noqa: E402
+from peftlab.export import ExportResult, export  # noqa: E402
 from peftlab.hub import PushResult, push  # noqa: E402
 from peftlab.inference import evaluate, logits, predict  # noqa: E402
 from peftlab.merge import MergeResult, combine, merge  # noqa: E402
@@ -31,7 +32,7 @@ from peftlab.train import RunResult, train  # noqa: E402
 
 __all__ = ["__version__", "ClassificationReport", "CompareResult", "LoadedAdapter", "MergeResult", "PeftlabError", "RunConfig", "RunResult", "build_config",
            "classification_report", "combine", "compare", "evaluate", "load_adapter", "load_config", "load_recipe", "logits", "merge",
-           "predict", "train", "recipe_path", "PushResult", "push", "write_card"]
+           "predict", "train", "recipe_path", "PushResult", "push", "write_card", "ExportResult", "export"]
 
 
 def recipe_path(name: str):

@@ -444,6 +444,33 @@ def combine(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A causal-lm run (LoRA / IA3 / ... adapter), a merged model or a "
+                                                 "full fine-tuning run.")],
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama).")] = "gguf",
+    outtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0.")] = "f16",
+    variant: Annotated[str, typer.Option(help="merged (one model file), lora (base + GGUF LoRA adapter) or "
+                                              "both.")] = "merged",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the files go (default: "
+                                                                        "RUN-gguf beside the run).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
+    llama_cpp: Annotated[Optional[Path], typer.Option(help="llama.cpp's sources (the converters; default: "
+                                                           "$PEFTLAB_LLAMA_CPP).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export.")] = False,
+) -> None:
+    """Export a causal-LM run to GGUF for llama.cpp / Ollama (with llama.cpp's own converters), plus a Modelfile."""
+    from peftlab import export as run
+
+    result = run(run_dir, out_dir, fmt=fmt, outtype=outtype, variant=variant, base=base, llama_cpp=llama_cpp,
+                 overwrite=overwrite)
+    out.print(f"exported {escape(str(run_dir))} to {escape(str(result.output_dir))}:", highlight=False, soft_wrap=True)
+    for name, size in result.files.items():
+        out.print(f"  {escape(name)}  {_size(size)}", highlight=False, soft_wrap=True)
+    for name in result.modelfiles:
+        out.print(f"  {escape(name)}  (ollama create NAME -f {escape(name)})", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def card(
     run_dir: Annotated[Path, typer.Argument(help="A run directory, a merged model or a combined adapter.")],
 ) -> None:

@@ -54,7 +54,8 @@ RUN_CONFIG = "peftlab.yaml"
 RUN_RECORD = "peftlab.json"
 METRICS = "metrics.json"
 MERGE_RECORD = "peftlab-merge.json"  # beside a merged model (peftlab merge)
-PEFTLAB_RECORDS = (RUN_RECORD, MERGE_RECORD)  # a run (train, combine) / a merged model (merge)
+EXPORT_RECORD = "peftlab-export.json"  # beside GGUF files (peftlab export)
+PEFTLAB_RECORDS = (RUN_RECORD, MERGE_RECORD, EXPORT_RECORD)  # a run (train, combine) / merged model / export
 
 
 def library_versions() -> dict[str, str]:
