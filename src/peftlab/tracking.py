@@ -73,6 +73,14 @@ class Tracker:
         raise NotImplementedError
 
 
+def _require(module: str, tracker: str, what: str) -> None:
+    """An optional dependency, checked when the tracker is chosen: before any work starts."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"training.report_to: {tracker} needs {what}", f"pip install 'peftlab[{tracker}]'") from None
+
+
 class TensorBoard(Tracker):
     name, label = "tensorboard", "TensorBoard"
 
@@ -107,11 +115,7 @@ class MLflow(Tracker):
     name, label = "mlflow", "MLflow"
 
     def __init__(self) -> None:
-        try:
-            importlib.import_module("mlflow")  # an optional dependency: checked before any work starts
-        except ImportError:
-            raise ConfigError("training.report_to: mlflow needs the mlflow package (mlflow-skinny is enough)",
-                              "pip install 'peftlab[mlflow]'") from None
+        _require("mlflow", "mlflow", "the mlflow package (mlflow-skinny is enough)")
         self.client = None
 
     @staticmethod
@@ -191,11 +195,7 @@ class WandB(Tracker):
     name, label = "wandb", "W&B"
 
     def __init__(self) -> None:
-        try:
-            importlib.import_module("wandb")  # an optional dependency: checked before any work starts
-        except ImportError:
-            raise ConfigError("training.report_to: wandb needs the wandb package",
-                              "pip install 'peftlab[wandb]'") from None
+        _require("wandb", "wandb", "the wandb package")
         self.run = None
 
     def start(self, run: RunInfo, params: dict[str, str]) -> None:
