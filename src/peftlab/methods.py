@@ -621,6 +621,8 @@ register(_prompt(
     name="ptuning",
     learning_rate=1e-2,
     task_learning_rates={"seq-cls": 0.03, "causal-lm": 3e-3},  # calibrated (seq-cls at 120 steps): calibrate_defaults
+    # the tiny test models keep the rates they learn at (the calibrated ones are for real models)
+    test_task_learning_rates={"seq-cls": 1e-2, "seq2seq": 5e-2, "causal-lm": 5e-2},
     budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes 0.696 at 120 steps (majority class 0.596), still the majority class at 60 at every rate tried (docs/techniques.md#calibrated-defaults)", steps=120)},
     title="P-tuning (prompt encoder)",
     summary="P-tuning: virtual input tokens produced by a prompt encoder, MLP or LSTM (Liu et al. 2021).",
