@@ -98,10 +98,10 @@ def _refuse(run_dir: Path, what: str, why: str) -> PeftlabError:
 
 
 def _check_task(run_dir: Path, task: Any) -> None:
-    if str(getattr(task, "peft_task_type", "")) == _CAUSAL_LM:
+    if task.peft_task_type == _CAUSAL_LM:
         return
     auto = getattr(task.auto_class, "__name__", str(task.auto_class))
-    if getattr(task, "classifies", False):
+    if task.classifies:
         why = "a classifier whose trained head scores labels; GGUF runtimes generate text and have no place for it"
     else:
         why = ("an encoder-decoder model; llama.cpp and Ollama are built for decoder-only models, llama.cpp "
