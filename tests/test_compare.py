@@ -369,6 +369,7 @@ def test_report_renders_table_and_figures_in_headless_chromium(all_methods, tmp_
     assert drawn == tab10, f"figure colours missing: {set(tab10) - set(drawn)}"
 
 
+@pytest.mark.slow  # 19 techniques x 2 families: ~21 s; CI runs it
 @pytest.mark.parametrize("arch, task", [("t5", "seq2seq"), ("llama", "causal-lm")])
 def test_every_method_compares_on_the_generative_families(tiny_lms, generative_data, tmp_path, arch, task):
     """The default method list is every registered technique for the task; each gets a row on seq2seq and

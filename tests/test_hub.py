@@ -168,6 +168,7 @@ def test_offline_and_without_a_token_one_readable_error(run_dir, capsys, monkeyp
     assert any("no Hugging Face token found" in note for note in result.notes)
 
 
+@pytest.mark.slow  # a subprocess that waits for a refused connection: ~6 s; CI runs it
 def test_an_unreachable_hub_is_one_readable_error(run_dir, tmp_path):
     """A real attempt (in a fresh process, offline mode off) against an endpoint nothing listens on."""
     env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}}

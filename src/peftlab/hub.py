@@ -13,6 +13,7 @@ The upload itself (``HfApi.create_repo`` + one ``create_commit``) cannot be exer
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -141,8 +142,6 @@ def _check_repo_id(repo_id: str) -> None:
 
 def _notes(run_dir: Path) -> list[str]:
     """What others would meet: an adapter whose base is a folder of this machine."""
-    import json
-
     try:
         base = json.loads((run_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
@@ -154,6 +153,7 @@ def _notes(run_dir: Path) -> list[str]:
 
 
 def _offline() -> bool:
+    # huggingface_hub.is_offline_mode() returns what the environment said when it was imported; a push reads it now
     return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
