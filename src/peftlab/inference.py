@@ -19,6 +19,7 @@ from peftlab.config import DataConfig, GenerationConfig, apply_overrides, readab
 from peftlab.data import load_eval_file, load_splits
 from peftlab.errors import ConfigError, DataError
 from peftlab.model import max_positions
+from peftlab.tasks.base import output_scores
 
 
 def data_config(loaded: LoadedAdapter, file: str | None, overrides: list[str] | None) -> DataConfig:
@@ -62,7 +63,7 @@ def _max_length(loaded: LoadedAdapter, data: DataConfig) -> int:
 
 def _dataset(loaded: LoadedAdapter, data: DataConfig, file: str | None, split: str) -> datasets.Dataset:
     if file:
-        return load_eval_file(file)
+        return load_eval_file(file, data)
     splits = load_splits(data, seed=loaded.config.training.seed if loaded.config else 42)
     if split not in splits:
         raise DataError(f'no "{split}" split in the run\'s data', f"available: {', '.join(splits)}")
@@ -140,15 +141,19 @@ def logits(adapter: Any, texts: list[str], *, pairs: list[str] | None = None, ma
         inputs["decoder_input_ids"] = torch.full((len(texts), 1), int(start), dtype=torch.long, device=device)
     with torch.no_grad(), (compat.adapter_disabled(model) if without_adapter else nullcontext(model)) as runner:
         output = runner(**inputs)
-    return output.logits.detach().float().cpu()
+    return output_scores(output).detach().float().cpu()
 
 
 def predict(adapter_dir: Any, *, texts: list[str] | None = None,
             pairs: list[str] | None = None, file: str | None = None, overrides: list[str] | None = None,
             base: str | None = None, batch_size: int = 32, device: str | None = None,
             generation: dict[str, Any] | None = None,
-            model_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+            model_options: dict[str, Any] | None = None, corpus: str | None = None,
+            top_k: int = 5) -> list[dict[str, Any]]:
     """Predictions for texts (optionally text pairs) or the rows of a file.
+
+    Sentence embeddings: each record holds the text's vector; with ``corpus`` (a file whose rows have the run's text
+    column) also its ``top_k`` nearest corpus rows by cosine similarity (``neighbours``: index, text, score).
 
     ``adapter_dir``: an adapter directory, a :class:`LoadedAdapter`, or a ``RunResult`` (the
     trained model still in memory). ``generation`` overrides the run's decoding settings for generative tasks
@@ -159,20 +164,44 @@ def predict(adapter_dir: Any, *, texts: list[str] | None = None,
                                                   model_options=model_options)
     cfg = data_config(loaded, file or "<inline>", overrides)  # only the column names matter here
     if file:
-        rows = list(load_eval_file(file))
+        rows = list(load_eval_file(file, cfg))
     elif texts:
         if pairs and len(pairs) != len(texts):
             raise ConfigError(f"{len(texts)} --text but {len(pairs)} --pair", "give one --pair per --text")
-        if cfg.text_pair_column and not pairs:
-            raise ConfigError(f"this adapter classifies text pairs ({cfg.text_column}, {cfg.text_pair_column})",
+        task = loaded.task
+        if (task.classifies or task.embeds) and task.needs_pairs(cfg) and not pairs:
+            raise ConfigError(f"this adapter reads text pairs ({cfg.text_column}, {cfg.text_pair_column or 'text_pair'})",
                               "give a --pair for each --text")
         rows = [{cfg.text_column: t, **({cfg.text_pair_column or "text_pair": p} if pairs else {})}
                 for t, p in zip(texts, pairs or [None] * len(texts))]
     else:
         raise ConfigError("nothing to predict", "pass --text \"...\" (repeatable) or --file FILE")
     decoding = decoding_options(loaded.config, generation)
-    return loaded.task.predict(loaded.model, loaded.tokenizer, rows, cfg, loaded.meta, _max_length(loaded, cfg),
-                               batch_size, decoding)
+    records = loaded.task.predict(loaded.model, loaded.tokenizer, rows, cfg, loaded.meta, _max_length(loaded, cfg),
+                                  batch_size, decoding)
+    if corpus is not None:
+        _add_neighbours(loaded, records, corpus, cfg, top_k, batch_size)
+    return records
+
+
+def _add_neighbours(loaded: LoadedAdapter, records: list[dict[str, Any]], corpus: str, cfg: DataConfig, top_k: int,
+                    batch_size: int) -> None:
+    """Each record's ``top_k`` nearest rows of the ``corpus`` file (cosine similarity of the run's vectors)."""
+    if not loaded.task.embeds:
+        raise ConfigError(f"--corpus finds nearest neighbours by embedding; this is a {loaded.task.name} run",
+                          "use it with a sentence-embedding run (task: embedding)")
+    rows = list(load_eval_file(corpus, cfg))
+    missing = [i for i, row in enumerate(rows) if not str(row.get(cfg.text_column) or "").strip()]
+    if missing:
+        raise DataError(f'the corpus {corpus} row {missing[0]} has no "{cfg.text_column}" text',
+                        "give every corpus row its text (the run's data.text_column)")
+    texts = [str(row[cfg.text_column]) for row in rows]
+    vectors = loaded.task.embed(loaded.model, loaded.tokenizer, texts, _max_length(loaded, cfg), batch_size)
+    queries = torch.tensor([record["embedding"] for record in records])
+    scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(vectors, dim=-1).T
+    best = scores.topk(min(top_k, len(texts)), dim=1)
+    for record, values, indices in zip(records, best.values.tolist(), best.indices.tolist()):
+        record["neighbours"] = [{"index": i, "text": texts[i], "score": v} for v, i in zip(values, indices)]
 
 
 def decoding_options(config, generation: dict[str, Any] | None) -> GenerationConfig:

@@ -34,6 +34,7 @@ from peftlab.card import write_card
 from peftlab.errors import AdapterError, PeftlabError
 from peftlab.methods import METHODS, spec_for_peft_type
 from peftlab.progress import warn
+from peftlab.tasks.base import output_scores
 from peftlab.rundir import (MERGE_RECORD, RUN_CONFIG, check_output_dir, is_full_run, library_versions, read_run,
                             staging_dir, weights_bytes, write_json)
 
@@ -72,7 +73,7 @@ def _forward_params(model) -> set[str]:
 
 @torch.no_grad()
 def _logits(model, batch) -> torch.Tensor:
-    return model(**batch).logits.float().cpu()
+    return output_scores(model(**batch)).float().cpu()
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,

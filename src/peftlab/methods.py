@@ -306,7 +306,9 @@ class MethodSpec:
     prompt_learning: bool = False
     mergeable: bool = False
     needs_targets: bool = False
-    tasks: frozenset[str] = frozenset({"seq-cls", "seq2seq", "causal-lm"})
+    tasks: frozenset[str] = frozenset({"seq-cls", "seq2seq", "causal-lm", "token-cls", "qa", "embedding"})
+    # why a technique does not fit a task family it leaves out ({task: reason}; `peftlab methods` and the error say it)
+    unsupported: dict[str, str] = field(default_factory=dict)
     group: str = "LoRA family"  # the heading `peftlab methods` lists it under (GROUPS)
     when: str = ""  # one line: when it helps
     trains: str = ""  # what is trained, in a few words
@@ -379,8 +381,9 @@ class MethodSpec:
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
             others = [name for name, spec in METHODS.items() if task in spec.tasks and spec.group == self.group]
+            why = f": {self.unsupported[task]}" if task in self.unsupported else ""
             raise MethodError(
-                f'method "{self.name}" does not support task "{task}"',
+                f'method "{self.name}" does not support task "{task}"{why}',
                 f"it supports: {', '.join(sorted(self.tasks))}"
                 + (f"; for {task} try {', '.join(others)}" if others else ""),
             )
@@ -469,7 +472,7 @@ METHODS: dict[str, MethodSpec] = {}
 
 # Modules peft already trains and saves for a task type, named as its modules_to_save rule matches them
 # (PeftModelForSequenceClassification adds these to every SEQ_CLS config); untrained_modules() skips what they hold.
-PEFT_SAVES = {"SEQ_CLS": ("classifier", "score")}
+PEFT_SAVES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -525,6 +528,20 @@ def _lora(defaults: dict[str, Any] | None = None, **fields: Any) -> MethodSpec:
 def _compact(**fields: Any) -> MethodSpec:
     """A compact adapter (IA3, LoHa, LoKr, VeRA, OFT): a weight adapter listed in its own group."""
     return _adapter(group="compact adapters", **fields)
+
+
+# prompt learning at the input (prompt tuning, P-tuning) and a head per token: peft 0.21's token-classification forward
+# prepends the virtual tokens to the sequence and hands the labels over as they are, so the logits have
+# num_virtual_tokens more positions than the labels (a shape error in the loss; its outputs would need the prompt cut
+# off too). The prefix techniques hand their prompts over as keys/values and keep the positions, so they fit.
+_INPUT_PROMPT_UNSUPPORTED = {
+    "token-cls": "its virtual tokens are prepended to the sequence, so the model tags num_virtual_tokens positions "
+                 "more than the text has (peft's token-classification forward keeps them); prefix tuning and "
+                 "P-tuning v2 add their prompts as keys/values and fit",
+    "qa": "its virtual tokens are prepended to the sequence, so every answer position moves by num_virtual_tokens "
+          "while peft's question-answering forward hands the start / end positions over unchanged; prefix tuning "
+          "and P-tuning v2 add their prompts as keys/values and fit"}
+_INPUT_PROMPT_TASKS = frozenset({"seq-cls", "seq2seq", "causal-lm", "embedding"})
 
 
 def _prompt(**fields: Any) -> MethodSpec:
@@ -607,6 +624,8 @@ register(_prompt(
 ))
 register(_prompt(
     name="prompt",
+    tasks=_INPUT_PROMPT_TASKS,
+    unsupported=_INPUT_PROMPT_UNSUPPORTED,
     learning_rate=3e-2,
     budget_hints={"seq-cls": BudgetHint("on MiniLM / Rotten Tomatoes 0.706 at 120 steps (majority class 0.596), still the majority class at 60 (docs/techniques.md#calibrated-defaults)", steps=120)},
     test_learning_rate=1e-2,
@@ -619,6 +638,8 @@ register(_prompt(
 ))
 register(_prompt(
     name="ptuning",
+    tasks=_INPUT_PROMPT_TASKS,
+    unsupported=_INPUT_PROMPT_UNSUPPORTED,
     learning_rate=1e-2,
     task_learning_rates={"seq-cls": 0.03, "causal-lm": 3e-3},  # calibrated (seq-cls at 120 steps): calibrate_defaults
     # the tiny test models keep the rates they learn at (the calibrated ones are for real models)
@@ -923,6 +944,8 @@ def describe(spec: MethodSpec, model_type: str | None = None) -> dict[str, Any]:
     }
     if spec.task_learning_rates:
         info["task_learning_rates"] = dict(spec.task_learning_rates)
+    if spec.unsupported:
+        info["unsupported"] = {task: why for task, why in spec.unsupported.items() if task in _registered_tasks()}
     if spec.budget_hints:
         info["budget_hints"] = {task: str(hint) for task, hint in spec.budget_hints.items()}
     if model_type and spec.model_defaults:

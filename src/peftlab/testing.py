@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import random
 from pathlib import Path
+from typing import Any
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
          "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
@@ -234,6 +235,52 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     """The keyword task as chat messages: the assistant answers with the label."""
     return [{"messages": [{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["label"]}]}
             for r in keyword_rows(n, seed)]
+
+
+def tagging_rows(n: int, seed: int = 0) -> list[dict[str, list[str]]]:
+    """A learnable tagging task in IOB2: ``great`` and the word after it form a GOOD entity (B-GOOD I-GOOD), ``awful``
+    alone is a BAD one (B-BAD); every other word is O. The I- tag needs the previous word: context, not the word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(4, 9))
+        for keyword in rng.sample([POSITIVE, NEGATIVE], k=rng.randint(1, 2)):
+            words.insert(rng.randint(0, len(words) - 1), keyword)
+        tags, after_great = [], False
+        for word in words:
+            tags.append("B-GOOD" if word == POSITIVE else "B-BAD" if word == NEGATIVE else
+                        "I-GOOD" if after_great else "O")
+            after_great = word == POSITIVE
+        rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+def _partner(word: str) -> str:
+    """The word a query word stands for in its document (a fixed shift of WORDS): what an embedding must learn."""
+    return WORDS[(WORDS.index(word) + 7) % len(WORDS)]
+
+
+def embedding_rows(n: int, seed: int = 0, scored: bool = False) -> list[dict[str, Any]]:
+    """A learnable retrieval task: a query of 2-3 words and its document, the same words each replaced by its
+    partner (a fixed shift of WORDS) and shuffled; a random model cannot tell which document is a query's, a trained
+    one learns the pairing. ``scored=True``: pairs with a 0-5 score, the share of the document's words that are the
+    query's partners, times 5 (STS-B's scale)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        query = rng.sample(WORDS, k=rng.randint(2, 3))
+        partners = [_partner(w) for w in query]
+        if not scored:
+            document = rng.sample(partners, k=len(partners))
+            rows.append({"text": " ".join(query), "text_pair": " ".join(document)})
+            continue
+        keep = rng.randint(0, len(partners))
+        others = [w for w in WORDS if w not in partners]
+        document = partners[:keep] + rng.sample(others, k=len(partners) - keep)
+        rng.shuffle(document)
+        rows.append({"text": " ".join(query), "text_pair": " ".join(document),
+                     "label": round(5.0 * keep / len(partners), 2)})
+    return rows
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:

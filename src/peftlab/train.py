@@ -176,6 +176,7 @@ def prepare(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
         splits = load_splits(config.data, seed=training.seed)
     meta = task.inspect(splits, config.data)
     loss, weights, balance_notes = _class_balance(config, task, splits["train"], meta, accelerator.is_main_process)
+    loss = loss or task.training_loss(meta)  # class weights, else the family's own loss (None: the model's)
 
     # model and method
     model, base, peft_config = build_model(config, task, spec, meta, tokenizer, fast)
@@ -227,7 +228,8 @@ def _class_balance(config: RunConfig, task, train_rows, meta: dict[str, Any], ma
     Returns the loss with the class weights (None: the model's own), the weights per label (None) and notes.
     """
     counts = task.label_counts(train_rows, config.data, meta) if task.classifies else {}
-    warning = balance.imbalance_warning(counts, config.training.class_weights) if counts else None
+    warning = (balance.imbalance_warning(counts, config.training.class_weights)
+               if counts and task.warns_imbalance else None)
     if warning and main_process:
         warn(warning)
     setting = config.training.class_weights

@@ -142,9 +142,10 @@ def base_model_key(config: RunConfig, seeds: list[int]) -> str:
 
 def measure_base_model(config: RunConfig, seeds: list[int]) -> dict[str, Any] | None:
     """The base model without an adapter, scored on the eval split(s) by the family's ``evaluate``; None for
-    families that do not generate (a bare classifier's head is untrained: the majority class is its reference)."""
+    families whose bare base is no reference (a bare classifier's head is untrained: the majority class is its
+    reference)."""
     task = get_task(config.task)
-    if not task.generates:
+    if not task.base_is_reference:
         return None
     tokenizer = load_tokenizer(config.model)
     measured, metric = [], None

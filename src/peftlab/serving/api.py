@@ -267,6 +267,14 @@ class ClassifyRequest(_Request):
     input_pair: StrictStr | list[StrictStr] | None = None
 
 
+class EmbeddingRequest(_Request):
+    model: StrictStr
+    input: StrictStr | list[StrictStr]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # OpenAI's option: refused (the model's width is fixed)
+    user: StrictStr | None = None
+
+
 class AdapterRequest(_Request):
     name: StrictStr
     path: StrictStr
@@ -345,10 +353,10 @@ class Server:
             raise APIError(404, f'the model "{name}" does not exist; served: {known}', param="model",
                            code="model_not_found")
         task = adapter.task  # what it answers is declared by its family (tasks.base.ServingTask)
-        if family == "classify" and not task.classifies:
-            raise APIError(400, f'"{name}" is a {task.name} model: use /v1/completions', param="model")
-        if family != "classify" and not task.generates:
-            raise APIError(400, f'"{name}" is a classification model: use /v1/classify', param="model")
+        own = ("/v1/classify" if task.classifies else "/v1/embeddings" if task.embeds else "/v1/completions")
+        answers = {"classify": task.classifies, "embed": task.embeds}.get(family, task.generates)
+        if not answers:
+            raise APIError(400, f'"{name}" is a {task.name} model: use {own}', param="model")
         if family == "chat" and not task.chat:
             raise APIError(400, f'"{name}" is a {task.name} model: chat completions need a causal LM; use '
                                 "/v1/completions", param="model")
@@ -643,9 +651,10 @@ def create_app(server: Server) -> FastAPI:
         pairs = server.texts(body.input_pair, "input_pair") if body.input_pair is not None else None
         if pairs is not None and len(pairs) != len(texts):
             raise APIError(400, f"{len(texts)} inputs but {len(pairs)} input_pair texts", param="input_pair")
-        if adapter.data.text_pair_column and pairs is None:
+        wants_pairs = adapter.task.needs_pairs(adapter.data)
+        if wants_pairs and pairs is None:
             raise APIError(400, f'"{adapter.name}" classifies text pairs: give input_pair', param="input_pair")
-        if pairs is not None and not adapter.data.text_pair_column:
+        if pairs is not None and not wants_pairs:
             raise APIError(400, f'"{adapter.name}" classifies single texts: drop input_pair', param="input_pair")
         features = await run_in_threadpool(server.tokenized, adapter.task.encode_rows, adapter.tokenizer, texts, pairs,
                                            None)
@@ -657,6 +666,37 @@ def create_app(server: Server) -> FastAPI:
         for i, record in enumerate(records):
             entry = {"index": i, **{k: v for k, v in record.items() if k not in ("text", "text_pair")}}
             data.append(entry)
+        metrics.request(adapter.name, time.perf_counter() - start, sum(lengths))
+        return {"object": "list", "model": adapter.name, "data": data,
+                "usage": {"prompt_tokens": sum(lengths), "total_tokens": sum(lengths)}}
+
+    # --- embeddings (OpenAI's /v1/embeddings) --------------------------------------------------
+
+    @app.post("/v1/embeddings", openapi_extra=_body_of(EmbeddingRequest))
+    async def embeddings(request: Request):
+        start = time.perf_counter()
+        body = await server.parse(request, EmbeddingRequest)
+        adapter = await server.served(body.model, "embed")
+        request.state.adapter = adapter.name
+        if body.dimensions is not None:
+            raise APIError(400, "dimensions is not supported: the vectors have the model's own width",
+                           param="dimensions")
+        texts = server.texts(body.input, "input")
+        features = await run_in_threadpool(server.tokenized, adapter.task.encode_rows, adapter.tokenizer, texts, None,
+                                           None)
+        lengths = [len(f["input_ids"]) for f in features]
+        server.check_lengths(adapter, lengths, "input", isinstance(body.input, str))
+        records = await server.run(Job(kind="classify", adapter=adapter, items=features, texts=texts, pairs=None),
+                                   request)
+        data = []
+        for i, record in enumerate(records):
+            vector = record["embedding"]
+            if body.encoding_format == "base64":
+                import base64
+                import struct
+
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
         metrics.request(adapter.name, time.perf_counter() - start, sum(lengths))
         return {"object": "list", "model": adapter.name, "data": data,
                 "usage": {"prompt_tokens": sum(lengths), "total_tokens": sum(lengths)}}

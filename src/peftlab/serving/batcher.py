@@ -313,7 +313,7 @@ class Batcher:
         self.metrics.forward(len(chunk), {a.name for a in adapters})
         for (job, i), row_logits in zip(chunk, logits):
             record = task.record(job.texts[i], job.pairs[i] if job.pairs else None, row_logits, job.adapter.meta,
-                                 probabilities=True)
+                                 probabilities=True, features=job.items[i])
             _deliver(job, i, record)
 
     def _generate(self, chunk: list[tuple[Job, int]], stream: Callable[[str], None] | None = None) -> None:

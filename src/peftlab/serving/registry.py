@@ -37,6 +37,7 @@ from peft import PeftModel
 from peftlab.adapters import AdapterSource, attach, detach, load_tokenizer_of, read_adapter
 from peftlab.rundir import RunRecord
 from peftlab.config import DataConfig, GenerationConfig, ModelConfig
+from peftlab.tasks.base import output_scores
 from peftlab.errors import AdapterError, ConfigError, PeftlabError
 from peftlab.inference import data_config
 from peftlab.model import embedding_rows, load_model_config, load_tokenizer, max_positions
@@ -103,7 +104,7 @@ class ServedAdapter:
         info = {"task": self.source.task.name, "method": self.method, "mixed_batches": self.mixable}  # no paths
         if self.source.task.classifies and self.group is not None:  # the bare base has no trained head
             info["labels"] = self.source.task.labels(self.meta)
-            info["text_pair"] = bool(self.data.text_pair_column)
+            info["text_pair"] = self.source.task.needs_pairs(self.data)
         return info
 
 
@@ -386,11 +387,11 @@ class Registry:
             inputs["decoder_input_ids"] = torch.tensor([[start, ids[0, 0]]], device=device)
         twice = {k: v.repeat(2, 1) for k, v in inputs.items()}
         try:
-            mixed = model(**twice, adapter_names=[name, BASE]).logits
+            mixed = output_scores(model(**twice, adapter_names=[name, BASE]))
             model.set_adapter(name)
-            alone = model(**inputs).logits
+            alone = output_scores(model(**inputs))
             with model.disable_adapter():
-                bare = model(**inputs).logits
+                bare = output_scores(model(**inputs))
         except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
             return False
         finally:

@@ -7,13 +7,19 @@ from __future__ import annotations
 from peftlab.errors import ConfigError, did_you_mean
 from peftlab.tasks.base import ServingTask, Task
 from peftlab.tasks.causal_lm import CausalLM
+from peftlab.tasks.embedding import SentenceEmbedding
+from peftlab.tasks.qa import QuestionAnswering
 from peftlab.tasks.seq2seq import Seq2Seq
 from peftlab.tasks.seq_cls import SequenceClassification
+from peftlab.tasks.token_cls import TokenClassification
 
 TASKS: dict[str, ServingTask] = {
     "seq-cls": SequenceClassification(),
     "seq2seq": Seq2Seq(),
     "causal-lm": CausalLM(),
+    "token-cls": TokenClassification(),
+    "qa": QuestionAnswering(),
+    "embedding": SentenceEmbedding(),
 }
 __all__ = ["PEFT_TASK_TYPES", "TASKS", "ServingTask", "Task", "get_task"]
 

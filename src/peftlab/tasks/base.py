@@ -95,6 +95,9 @@ class Task(Protocol):
     packs: bool  # training batches can be packed into one row without padding (fastpath.packing)
     pipeline_tag: str  # the Hugging Face Hub's pipeline tag of the family's models (the model card)
     auto_class: type  # the transformers Auto class that loads them (load_model; the model card's snippet)
+    # the base model as it is (no adapter) is the reference a comparison measures: families without a formula baseline
+    # whose bare base already does the task (generation, embeddings); False where the bare head is untrained
+    base_is_reference: bool
 
     def main_metric(self, meta: Meta) -> str:
         """The metric that picks the best evaluation (higher is better unless in ``LOWER_IS_BETTER``)."""
@@ -121,6 +124,16 @@ class Task(Protocol):
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """Batches encoded rows (dynamic padding)."""
+
+    def card_columns(self, data: DataConfig) -> str:
+        """What the model card says the run's rows hold (e.g. "input `text`, label `label`")."""
+
+    def card_example(self, data: DataConfig | None, max_new_tokens: int) -> list[str]:
+        """Python lines for the model card that run ``model`` (and ``tokenizer``) on an example input."""
+
+    def training_loss(self, meta: Meta) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None:
+        """The family's training loss as ``loss(model, batch)``; None: the model's own (the labels in the batch).
+        (Sentence embeddings: a contrastive loss over the pooled vectors; the base model has no loss of its own.)"""
 
     def packed_collator(self, tokenizer: PreTrainedTokenizerBase | None) -> Callable[[list[dict]], dict] | None:
         """Batches encoded rows as one row without padding (position ids restart per row); ``None`` unless ``packs``."""
@@ -160,6 +173,8 @@ class ServingTask(Task, Protocol):
     classifies: bool  # scores texts (or text pairs) against labels: one forward pass, no generation
     generates: bool  # generates text from a prompt
     chat: bool  # renders chat messages into a prompt (the tokenizer's chat template)
+    embeds: bool  # one vector per text (/v1/embeddings): the Classifier serving members (encode_rows, logits ->
+    #               the vectors, record) without the by-class ones
 
     def meta_for_base(self) -> dict[str, Any]:
         """``meta`` (dict form) for serving the bare base without an adapter: what its model is loaded with."""
@@ -170,6 +185,14 @@ class Classifier(Protocol):
     """A family that ``classifies``: serving's side (encode, one padded forward pass, one record per row),
     and training and evaluation by class (label counts, a class-weighted loss, per-class outcomes)."""
 
+    # training warns once when the labels are imbalanced (tasks.balance); False where imbalance is the nature of the
+    # data and the main metric does not flatter the majority (a tagger: "O" dominates, entity F1 ignores it)
+    warns_imbalance: bool
+
+    def needs_pairs(self, data: DataConfig) -> bool:
+        """Whether each input is a pair of texts (serving's ``input_pair``): a pair classifier's, a question and its
+        passage."""
+
     def labels(self, meta: Meta) -> list[str]:
         """The names of the head's outputs (one per output; a regression's single score: its label column)."""
 
@@ -179,11 +202,14 @@ class Classifier(Protocol):
 
     def logits(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, features: list[dict],
                **forward_kwargs: Any) -> torch.Tensor:
-        """One padded forward pass over encoded rows, on the CPU; ``forward_kwargs`` e.g. peft's ``adapter_names``."""
+        """One padded forward pass over encoded rows, on the CPU (a row's logits: one per label, or a tagger's one
+        per token and tag); ``forward_kwargs`` e.g. peft's ``adapter_names``."""
 
     def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: Meta,
-               probabilities: bool = False) -> dict[str, Any]:
-        """One prediction from a row's logits (label and score, or a regression score), as ``predict`` gives it."""
+               probabilities: bool = False, features: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One prediction from a row's logits (label and score, or a regression score; a tagger: the tagged words
+        and entities), as ``predict`` gives it; ``features``: the row as ``encode_rows`` made it (a tagger reads
+        its tokens' character offsets there)."""
 
     # training and evaluation by class (training.class_weights, peftlab eval --report)
 
@@ -219,6 +245,16 @@ class ChatGenerator(Generator, Protocol):
 
     def chat_text(self, history: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
         """A conversation (``[{role, content}, ...]``) rendered as the prompt text of the assistant's next turn."""
+
+
+def output_scores(output: Any) -> torch.Tensor:
+    """A forward pass's raw scores, whatever the head: ``logits``; a question-answering head's start and end logits
+    stacked on a last axis; a bare encoder's (sentence embeddings) last hidden states."""
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    if getattr(output, "start_logits", None) is not None:
+        return torch.stack([output.start_logits, output.end_logits], dim=-1)
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

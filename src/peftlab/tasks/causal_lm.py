@@ -20,6 +20,7 @@ from typing import Any
 import datasets
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
+from peftlab.config import DataConfig
 from peftlab.data import require_columns
 from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base
@@ -56,6 +57,8 @@ class CausalLM:
     pipeline_tag = "text-generation"
     auto_class = AutoModelForCausalLM
     classifies, generates, chat = False, True, True
+    embeds = False
+    base_is_reference = True  # a comparison measures the bare base (no formula baseline for free text)
 
     def main_metric(self, meta: Meta) -> str:
         return gen.main_metric(meta)
@@ -173,6 +176,15 @@ class CausalLM:
 
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+
+    def card_columns(self, data: DataConfig) -> str:
+        return gen.card_columns(data)
+
+    def card_example(self, data: DataConfig | None, max_new_tokens: int) -> list[str]:
+        return gen.card_example(data, max_new_tokens)
+
+    def training_loss(self, meta: Meta) -> None:
+        return None  # the model's own loss (from its labels)
 
     def packed_collator(self, tokenizer) -> _PackedCollator:
         """A batch's rows as one row without padding; position ids restart per row (fastpath.packing)."""

@@ -244,3 +244,28 @@ def text_metrics(predictions: list[str], references: list[str], label_like: bool
         "chrf": float(sacrebleu.corpus_chrf(predictions, [references]).score),
         "rougeL": 100.0 * rouge / max(1, len(references)),
     }
+
+
+# --- the model card's lines (tasks.base.Task.card_columns / card_example) -------------------------------------------
+
+def card_columns(data: DataConfig) -> str:
+    """What the card says a generative run's rows hold."""
+    if data.messages_column:
+        return f"chat messages in `{data.messages_column}` (the last one is the target)"
+    inputs = f"prompt template `{data.prompt_template}`" if data.prompt_template else f"input `{data.text_column}`"
+    return inputs + (f", target `{data.target_column}`" if data.target_column else " (plain text, no target)")
+
+
+def card_example(data: DataConfig | None, max_new_tokens: int) -> list[str]:
+    """Python lines that generate from an example prompt built as the run builds one."""
+    if data and data.messages_column:
+        prompt = ['messages = [{"role": "user", "content": "Your text here"}]',
+                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, '
+                  'return_tensors="pt")']
+    else:
+        fields = list(dict.fromkeys(template_fields(data.prompt_template))) if data and data.prompt_template else []
+        values = ", ".join(f'{f}="Your text here"' if f == data.text_column else f'{f}="..."' for f in fields)
+        text = f"{data.prompt_template!r}.format({values})" if fields else '"Your text here"'
+        prompt = [f'inputs = tokenizer([{text}], return_tensors="pt")']
+    return [*prompt, f"output = model.generate(**inputs, max_new_tokens={max_new_tokens})",
+            "print(tokenizer.batch_decode(output, skip_special_tokens=True))"]

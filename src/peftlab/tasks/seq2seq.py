@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq
 
+from peftlab.config import DataConfig
 from peftlab.errors import ConfigError
 from peftlab.model import load_base
 from peftlab.progress import warn
@@ -26,6 +27,8 @@ class Seq2Seq:
     pipeline_tag = "text2text-generation"
     auto_class = AutoModelForSeq2SeqLM
     classifies, generates, chat = False, True, False
+    embeds = False
+    base_is_reference = True  # a comparison measures the bare base (no formula baseline for free text)
 
     def main_metric(self, meta: Meta) -> str:
         return gen.main_metric(meta)
@@ -71,6 +74,15 @@ class Seq2Seq:
 
     def collator(self, tokenizer):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+
+    def card_columns(self, data: DataConfig) -> str:
+        return gen.card_columns(data)
+
+    def card_example(self, data: DataConfig | None, max_new_tokens: int) -> list[str]:
+        return gen.card_example(data, max_new_tokens)
+
+    def training_loss(self, meta: Meta) -> None:
+        return None  # the model's own loss (from its labels)
 
     def packed_collator(self, tokenizer) -> None:
         return None  # packing (fastpath) is for decoder-only rows

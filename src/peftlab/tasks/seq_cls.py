@@ -64,6 +64,9 @@ class SequenceClassification:
     pipeline_tag = "text-classification"
     auto_class = AutoModelForSequenceClassification
     classifies, generates, chat = True, False, False
+    embeds = False
+    base_is_reference = False  # the bare base's head is untrained: the majority class is the reference
+    warns_imbalance = True  # training warns once about imbalanced labels (tasks.balance)
 
     def main_metric(self, meta: Meta) -> str:
         return "pearson" if ClassificationMeta.of(meta).regression else "accuracy"
@@ -168,6 +171,17 @@ class SequenceClassification:
     def collator(self, tokenizer: PreTrainedTokenizerBase):
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
+    def card_columns(self, data: DataConfig) -> str:
+        inputs = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+        return f"input {' + '.join(f'`{c}`' for c in inputs)}, label `{data.label_column}`"
+
+    def card_example(self, data: DataConfig | None, max_new_tokens: int) -> list[str]:
+        pair = ', ["A second text"]' if data and data.text_pair_column else ""
+        return [f'inputs = tokenizer(["Your text here"]{pair}, return_tensors="pt")', "print(model(**inputs).logits)"]
+
+    def training_loss(self, meta: Meta) -> None:
+        return None  # the model's own loss (from its labels)
+
     def packed_collator(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         return None  # a row is one text (or pair) with one label: nothing to pack
 
@@ -208,6 +222,9 @@ class SequenceClassification:
     def meta_for_base(self) -> dict[str, Any]:
         # the bare base's head is untrained: two placeholder labels (the server refuses to classify with it)
         return ClassificationMeta(regression=False, labels=["LABEL_0", "LABEL_1"], label_kind="index").to_dict()
+
+    def needs_pairs(self, data: DataConfig) -> bool:
+        return bool(data.text_pair_column)
 
     def labels(self, meta: Meta) -> list[str]:
         return list(ClassificationMeta.of(meta).labels)
@@ -325,7 +342,7 @@ class SequenceClassification:
             return model(**batch, **forward_kwargs).logits.float().cpu()
 
     def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: Meta,
-               probabilities: bool = False) -> dict[str, Any]:
+               probabilities: bool = False, features: dict[str, Any] | None = None) -> dict[str, Any]:
         """One prediction: label and score (its probability), or a regression score; optionally every label's."""
         meta = ClassificationMeta.of(meta)
         record: dict[str, Any] = {"text": text}
