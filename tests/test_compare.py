@@ -175,7 +175,8 @@ def test_changed_settings_rerun_only_that_method(base_raw, tmp_path, monkeypatch
 INTERRUPTS = [KeyboardInterrupt(), TrainingInterrupted("interrupted at step 3 of 8", "--resume")]
 
 
-@pytest.mark.parametrize("interrupt", INTERRUPTS, ids=["keyboard", "in-training"])
+@pytest.mark.parametrize("interrupt", [pytest.param(INTERRUPTS[0], marks=pytest.mark.slow), INTERRUPTS[1]],
+                         ids=["keyboard", "in-training"])  # the keyboard case (~3 s) in CI's slow run
 def test_interrupt_keeps_finished_rows_and_the_next_call_continues(base_raw, tmp_path, monkeypatch, interrupt):
     out = tmp_path / "cmp"
     train_spy(monkeypatch, fail={"ia3": interrupt})
@@ -289,6 +290,7 @@ def test_the_docs_table_of_default_rates_is_the_registrys():
 NEW_IN_COMPARE = ["dora", "lora-plus", "pissa", "adalora", "vera", "ln-tuning", "bitfit", "full"]
 
 
+@pytest.mark.slow  # eight trainings (~5 s): CI runs it
 def test_new_techniques_and_full_fine_tuning_compare(base_raw, tmp_path):
     raw = {**base_raw, "training": {**base_raw["training"], "eval_strategy": "no"}}
     result = compare(build_config(raw), methods=NEW_IN_COMPARE, out_dir=tmp_path / "cmp", progress=False)

@@ -21,12 +21,13 @@ from peftlab.testing import embedding_rows, make_tiny_model, tiny_model_rate, wr
 
 FITS = [name for name, spec in METHODS.items() if "embedding" in spec.tasks]
 QUERIES = ["alpha bravo", "charlie delta echo", "golf hotel"]
+ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra"]
 
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoders")
-    return {arch: make_tiny_model(arch, root / arch) for arch in ("bert", "roberta")}
+    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,8 @@ def _learned(result, metric="ndcg@10", gain=0.2):
     return before
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", [arch if arch in ("bert", "roberta") else  # the others: CI (slow)
+                                  pytest.param(arch, marks=pytest.mark.slow) for arch in ARCHS])
 def test_lora_learns_retrieval_and_plain_peft_gives_the_same_vectors(encoders, pair_data, tmp_path, arch):
     result = train(embedding_config(encoders, pair_data, tmp_path, arch), evaluate_before=True)
     before = _learned(result)
@@ -203,6 +205,13 @@ def test_pairs_are_required(encoders, pair_data, tmp_path):
 def embedder(encoders, pair_data, tmp_path_factory):
     config = embedding_config(encoders, pair_data, tmp_path_factory.mktemp("embedder"))
     return train(config), config
+
+
+def test_eval_scores_the_saved_adapter_as_training_did(embedder):
+    from peftlab import evaluate
+
+    result, _ = embedder
+    assert evaluate(result.output_dir)["ndcg@10"] == pytest.approx(result.metrics["ndcg@10"], abs=1e-6)
 
 
 def test_predict_gives_vectors_and_nearest_neighbours(embedder, tmp_path):
@@ -245,3 +254,40 @@ def test_merge_gives_a_plain_encoder_with_the_same_vectors(embedder, tmp_path):
     model._peftlab_pooling = Pooling("mean")
     torch.testing.assert_close(_vectors(model, result.tokenizer), _vectors(result.model, result.tokenizer),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # two trainings and a report (~20 s); CI runs it
+def test_compare_measures_the_bare_base_as_the_reference(encoders, pair_data, tmp_path):
+    """No formula baseline for embeddings: the base as it is (it already embeds) is measured, and trained adapters
+    are compared against it."""
+    from peftlab.comparison import compare
+
+    config = embedding_config(encoders, pair_data, tmp_path, **{"training.epochs": 4})
+    result = compare(config, methods=["lora", "ia3"], out_dir=tmp_path / "cmp", progress=False)
+    assert not result.failed
+    base = result.baselines["base_model"]
+    assert base["metric"] == "ndcg@10" and 0 <= base["value"] < 0.3 and "majority" not in result.baselines
+    assert all(row["main_value"] > base["value"] for row in result.rows), result.rows
+
+
+def test_v1_embeddings_base64_is_little_endian_float32(embedder):
+    import base64
+    import struct
+
+    from serve_helpers import Running
+
+    from peftlab.serving import create_server
+
+    result, config = embedder
+    running = Running(create_server(config.model.name, {"emb": result.output_dir}))
+    try:
+        plain = running.http.post("/v1/embeddings", json={"model": "emb", "input": "alpha bravo"}).json()
+        packed = running.http.post("/v1/embeddings", json={"model": "emb", "input": "alpha bravo",
+                                                           "encoding_format": "base64"}).json()
+        refused = running.http.post("/v1/embeddings", json={"model": "emb", "input": "x", "dimensions": 8})
+    finally:
+        running.stop()
+    raw = base64.b64decode(packed["data"][0]["embedding"])
+    vector = struct.unpack(f"<{len(raw) // 4}f", raw)
+    assert vector == pytest.approx(plain["data"][0]["embedding"], abs=1e-6)
+    assert refused.status_code == 400 and "dimensions" in refused.json()["error"]["message"]

@@ -306,3 +306,15 @@ def test_class_weights_weight_the_loss_per_tag(taggers, tagging_data, tmp_path):
     expected = (1.0 * torch.nn.functional.cross_entropy(logits[0, 0:1], labels[0, 0:1]) +
                 4.0 * torch.nn.functional.cross_entropy(logits[0, 2:3], labels[0, 2:3])) / 5.0
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.slow  # two trainings and a report (~20 s); CI runs it
+def test_compare_ranks_taggers_against_the_majority_tag(taggers, tagging_data, tmp_path):
+    from peftlab.comparison import compare
+
+    config = tagging_config(taggers, tagging_data, tmp_path, **{"training.epochs": 4})
+    result = compare(config, methods=["lora", "ptuning-v2"], out_dir=tmp_path / "cmp", progress=False)
+    assert not result.failed and {row["method"] for row in result.rows} == {"lora", "ptuning-v2"}
+    assert result.baselines["majority"]["name"] == "majority tag" and result.baselines["majority"]["value"] == 0.0
+    assert all(row["main_metric"] == "f1" and row["main_value"] > 0.2 for row in result.rows), result.rows
+    assert (tmp_path / "cmp" / "report.html").is_file()

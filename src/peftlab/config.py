@@ -102,7 +102,7 @@ class MethodConfig(_Section):
 class DataConfig(_Section):
     """Where the examples come from and which columns hold what."""
 
-    builtin: str | None = Field(None, description="A built-in dataset (`peftlab datasets`).")
+    builtin: str | None = Field(None, description="A built-in dataset (`peftlab tasks` lists them).")
     dataset: str | None = Field(None, description="A Hugging Face Hub dataset name.")
     dataset_config: str | None = Field(None, description="The Hub dataset's configuration (e.g. mrpc).")
     train_file: str | None = Field(None, description="Local CSV / JSON Lines / Parquet training file.")

@@ -64,6 +64,14 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None) -> PreTraine
     return tokenizer
 
 
+def pad_with_eos(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    """A head that reads padded batches needs a pad token id: a model without one (decoder-only) pads with its eos."""
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
 def load_base(model_cfg: ModelConfig, auto_class: type, **kwargs: Any) -> transformers.PreTrainedModel:
     """The frozen base model through ``auto_class`` (e.g. AutoModelForSequenceClassification)."""
     name = _base_name(model_cfg)

@@ -10,10 +10,12 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
 import re
+import struct
 import threading
 import time
 import uuid
@@ -639,7 +641,18 @@ def create_app(server: Server) -> FastAPI:
         await server.run(Job(kind="control", call=lambda: registry.remove(name)))
         return {"id": name, "object": "model", "deleted": True}
 
-    # --- classification ----------------------------------------------------------------------
+    # --- one forward pass per row: classification (labels, tags, answers) and embeddings ---------------------
+
+    async def one_pass(request: Request, adapter, texts: list[str], pairs: list[str] | None, single: bool):
+        """Encode the rows as the adapter's family does, check their lengths, and run them through the batcher
+        (rows of other requests and adapters may share the pass); the records and the rows' token counts."""
+        features = await run_in_threadpool(server.tokenized, adapter.task.encode_rows, adapter.tokenizer, texts, pairs,
+                                           None)
+        lengths = [len(f["input_ids"]) for f in features]
+        server.check_lengths(adapter, lengths, "input", single)
+        records = await server.run(Job(kind="classify", adapter=adapter, items=features, texts=texts, pairs=pairs),
+                                   request)
+        return records, lengths
 
     @app.post("/v1/classify", openapi_extra=_body_of(ClassifyRequest))
     async def classify(request: Request):
@@ -656,12 +669,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, f'"{adapter.name}" classifies text pairs: give input_pair', param="input_pair")
         if pairs is not None and not wants_pairs:
             raise APIError(400, f'"{adapter.name}" classifies single texts: drop input_pair', param="input_pair")
-        features = await run_in_threadpool(server.tokenized, adapter.task.encode_rows, adapter.tokenizer, texts, pairs,
-                                           None)
-        lengths = [len(f["input_ids"]) for f in features]
-        server.check_lengths(adapter, lengths, "input", isinstance(body.input, str))
-        records = await server.run(Job(kind="classify", adapter=adapter, items=features, texts=texts, pairs=pairs),
-                                   request)
+        records, lengths = await one_pass(request, adapter, texts, pairs, isinstance(body.input, str))
         data = []
         for i, record in enumerate(records):
             entry = {"index": i, **{k: v for k, v in record.items() if k not in ("text", "text_pair")}}
@@ -682,19 +690,11 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "dimensions is not supported: the vectors have the model's own width",
                            param="dimensions")
         texts = server.texts(body.input, "input")
-        features = await run_in_threadpool(server.tokenized, adapter.task.encode_rows, adapter.tokenizer, texts, None,
-                                           None)
-        lengths = [len(f["input_ids"]) for f in features]
-        server.check_lengths(adapter, lengths, "input", isinstance(body.input, str))
-        records = await server.run(Job(kind="classify", adapter=adapter, items=features, texts=texts, pairs=None),
-                                   request)
+        records, lengths = await one_pass(request, adapter, texts, None, isinstance(body.input, str))
         data = []
         for i, record in enumerate(records):
             vector = record["embedding"]
-            if body.encoding_format == "base64":
-                import base64
-                import struct
-
+            if body.encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": vector})
         metrics.request(adapter.name, time.perf_counter() - start, sum(lengths))

@@ -172,6 +172,8 @@ def retrieval_metrics(similarity: torch.Tensor, relevant: list[set[int]]) -> dic
 
 
 class SentenceEmbedding:
+    """texts -> vectors, trained on pairs / triplets / scored pairs, scored as retrieval (nDCG@10) or STS (Spearman)"""
+
     name = "embedding"
     peft_task_type = "FEATURE_EXTRACTION"
     meta_type = EmbeddingMeta

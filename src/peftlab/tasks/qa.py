@@ -35,7 +35,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_
 from peftlab.config import DataConfig, ModelConfig
 from peftlab.data import require_columns
 from peftlab.errors import ConfigError, DataError
-from peftlab.model import load_base
+from peftlab.model import load_base, pad_with_eos
 from peftlab.progress import warn
 from peftlab.tasks.base import Baseline, Meta, model_device
 
@@ -206,6 +206,8 @@ def best_answer(context: str, scores: Sequence[torch.Tensor], offsets: Sequence[
 # --- the family ---------------------------------------------------------------------------------
 
 class QuestionAnswering:
+    """question + passage -> the answer span (or none, SQuAD v2.0), scored by SQuAD exact match and F1"""
+
     name = "qa"
     peft_task_type = "QUESTION_ANS"
     meta_type = QAMeta
@@ -327,11 +329,7 @@ class QuestionAnswering:
         return {}  # the head always has two outputs: start and end
 
     def load_model(self, model: ModelConfig, meta: Meta):
-        base = load_base(model, self.auto_class, **self.model_kwargs(meta))
-        if base.config.pad_token_id is None and getattr(base.config, "eos_token_id", None) is not None:
-            eos = base.config.eos_token_id
-            base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-        return base
+        return pad_with_eos(load_base(model, self.auto_class, **self.model_kwargs(meta)))
 
     def meta_from_adapter(self, tensors: dict[str, tuple[int, ...]], base_config: Any) -> dict[str, Any]:
         """A plain-peft adapter: its ``qa_outputs`` head must score start and end (2 outputs). Whether it learned

@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from peftlab.config import DataConfig, ModelConfig
 from peftlab.data import require_columns, require_text
 from peftlab.errors import ConfigError, DataError
-from peftlab.model import load_base
+from peftlab.model import load_base, pad_with_eos
 from peftlab.tasks.base import Baseline, Meta, model_device
 from peftlab.progress import warn
 
@@ -199,11 +199,7 @@ class SequenceClassification:
         return kwargs
 
     def load_model(self, model: ModelConfig, meta: Meta):
-        base = load_base(model, self.auto_class, **self.model_kwargs(meta))
-        if base.config.pad_token_id is None and getattr(base.config, "eos_token_id", None) is not None:
-            eos = base.config.eos_token_id
-            base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-        return base
+        return pad_with_eos(load_base(model, self.auto_class, **self.model_kwargs(meta)))
 
     def meta_from_adapter(self, tensors: dict[str, tuple[int, ...]], base_config: Any) -> dict[str, Any]:
         hidden = getattr(base_config, "hidden_size", None)

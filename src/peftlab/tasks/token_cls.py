@@ -30,7 +30,7 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 from peftlab.config import DataConfig, ModelConfig
 from peftlab.data import require_columns
 from peftlab.errors import ConfigError, DataError
-from peftlab.model import load_base
+from peftlab.model import load_base, pad_with_eos
 from peftlab.progress import warn
 from peftlab.tasks.base import Baseline, Meta, model_device
 
@@ -112,6 +112,8 @@ def token_words(offsets: list[tuple[int, int]], starts: list[int], ends: list[in
 
 
 class TokenClassification:
+    """words -> one tag each (entities in IOB2 / IOBES, POS), scored by entity F1 (seqeval) and accuracy"""
+
     name = "token-cls"
     peft_task_type = "TOKEN_CLS"
     meta_type = TaggingMeta
@@ -265,11 +267,7 @@ class TokenClassification:
                 "label2id": {name: i for i, name in enumerate(labels)}}
 
     def load_model(self, model: ModelConfig, meta: Meta):
-        base = load_base(model, self.auto_class, **self.model_kwargs(meta))
-        if base.config.pad_token_id is None and getattr(base.config, "eos_token_id", None) is not None:
-            eos = base.config.eos_token_id
-            base.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-        return base
+        return pad_with_eos(load_base(model, self.auto_class, **self.model_kwargs(meta)))
 
     def meta_from_adapter(self, tensors: dict[str, tuple[int, ...]], base_config: Any) -> dict[str, Any]:
         outs = [shape[0] for key, shape in tensors.items()
