@@ -28,6 +28,25 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: make_tiny_model(arch, root / arch) for arch in ("bert", "roberta")}
 
 
+class _Encoders(dict):
+    """Tiny random encoders by architecture (peftlab.testing), each built on first use and kept for the session."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, arch: str) -> Path:
+        self[arch] = make_tiny_model(arch, self.root / arch)
+        return self[arch]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
+    """Every encoder architecture the tests use (BERT, RoBERTa and peftlab.testing.ENCODER_ARCHS), built once per
+    session however many test files ask (token classification, question answering, embeddings, encoder families)."""
+    return _Encoders(tmp_path_factory.mktemp("encoders"))
+
+
 @pytest.fixture(scope="session")
 def tiny_lms(tmp_path_factory) -> dict[str, Path]:
     """Tiny random generative models: t5, bart (encoder-decoders), llama, gpt2, llama-bias (decoder-only)."""

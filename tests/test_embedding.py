@@ -17,7 +17,7 @@ from peftlab.errors import ConfigError
 from peftlab.methods import METHODS
 from peftlab.tasks import get_task
 from peftlab.tasks.embedding import (Pooling, base_pooling, cosine_loss, pool, ranking_loss, retrieval_metrics)
-from peftlab.testing import embedding_rows, make_tiny_model, tiny_model_rate, write_jsonl
+from peftlab.testing import embedding_rows, tiny_model_rate, write_jsonl
 
 FITS = [name for name, spec in METHODS.items() if "embedding" in spec.tasks]
 QUERIES = ["alpha bravo", "charlie delta echo", "golf hotel"]
@@ -25,9 +25,8 @@ ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra"]
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHS}
+def encoders(tiny_encoders):
+    return tiny_encoders  # built once per session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from peftlab import build_config, compat, load_adapter, train
 from peftlab.errors import MethodError
 from peftlab.inference import logits
 from peftlab.methods import METHODS, describe, get_method, kv_cache_support, takes_kv_cache
-from peftlab.testing import ENCODER_ARCHS, keyword_rows, make_tiny_model, tiny_model_rate, write_csv
+from peftlab.testing import ENCODER_ARCHS, keyword_rows, tiny_model_rate, write_csv
 
 FAMILIES = list(ENCODER_ARCHS)
 NO_KV_CACHE = {"deberta-v2", "deberta", "albert", "mpnet", "modernbert", "distilbert"}  # their attention takes none
@@ -32,9 +32,8 @@ PROBE = ["alpha great bravo charlie", "delta awful echo", "golf hotel india grea
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return {arch: make_tiny_model(arch, root / arch) for arch in FAMILIES}
+def encoders(tiny_encoders):
+    return tiny_encoders  # built once per session (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +109,8 @@ def test_kv_cache_support_is_read_off_the_model_and_shown_by_peftlab_methods(enc
 
     from peftlab import cli
 
-    for arch, path in encoders.items():
+    for arch in FAMILIES:
+        path = encoders[arch]
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2)
         assert takes_kv_cache(model) is (arch not in NO_KV_CACHE), arch
         assert kv_cache_support(model.config.model_type) is (arch not in NO_KV_CACHE), arch

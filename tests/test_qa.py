@@ -18,7 +18,7 @@ from peftlab.errors import ConfigError, DataError, MethodError
 from peftlab.methods import METHODS
 from peftlab.tasks import get_task
 from peftlab.tasks.qa import QAMeta, best_answer, normalize_answer, squad_scores, window_targets, windows
-from peftlab.testing import NEGATIVE, POSITIVE, WORDS, make_tiny_model, tiny_model_rate, write_jsonl
+from peftlab.testing import NEGATIVE, POSITIVE, WORDS, tiny_model_rate, write_jsonl
 
 ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra"]
 FITS = [name for name, spec in METHODS.items() if "qa" in spec.tasks]
@@ -47,9 +47,8 @@ def qa_rows(n: int, seed: int = 0, unanswerable: float = 0.0, words: tuple[int, 
 
 
 @pytest.fixture(scope="module")
-def readers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("readers")
-    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHS}
+def readers(tiny_encoders):
+    return tiny_encoders  # built once per session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from peftlab import build_config, evaluate, load_adapter, merge, predict, train
 from peftlab.conll import read_conll
 from peftlab.errors import DataError, MethodError
 from peftlab.methods import METHODS
-from peftlab.testing import make_tiny_model, tagging_rows, tiny_model_rate, write_jsonl
+from peftlab.testing import tagging_rows, tiny_model_rate, write_jsonl
 from peftlab.tasks import get_task
 from peftlab.tasks.token_cls import TaggingMeta, tag_scheme
 
@@ -24,9 +24,8 @@ FITS = [name for name, spec in METHODS.items() if "token-cls" in spec.tasks]
 
 
 @pytest.fixture(scope="module")
-def taggers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("taggers")
-    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHS}
+def taggers(tiny_encoders):
+    return tiny_encoders  # built once per session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -306,7 +306,7 @@ class MethodSpec:
     prompt_learning: bool = False
     mergeable: bool = False
     needs_targets: bool = False
-    tasks: frozenset[str] = frozenset({"seq-cls", "seq2seq", "causal-lm", "token-cls", "qa", "embedding"})
+    tasks: frozenset[str] = frozenset(TASKS)  # every registered family unless the entry says otherwise
     # why a technique does not fit a task family it leaves out ({task: reason}; `peftlab methods` and the error say it)
     unsupported: dict[str, str] = field(default_factory=dict)
     group: str = "LoRA family"  # the heading `peftlab methods` lists it under (GROUPS)
@@ -541,7 +541,7 @@ _INPUT_PROMPT_UNSUPPORTED = {
     "qa": "its virtual tokens are prepended to the sequence, so every answer position moves by num_virtual_tokens "
           "while peft's question-answering forward hands the start / end positions over unchanged; prefix tuning "
           "and P-tuning v2 add their prompts as keys/values and fit"}
-_INPUT_PROMPT_TASKS = frozenset({"seq-cls", "seq2seq", "causal-lm", "embedding"})
+_INPUT_PROMPT_TASKS = frozenset(TASKS) - set(_INPUT_PROMPT_UNSUPPORTED)
 
 
 def _prompt(**fields: Any) -> MethodSpec:
