@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write the ten notebooks in notebooks/ from the specs below (run it after editing them).
+"""Write the notebooks in notebooks/ from the specs below (run it after editing them): the collection's ten and
+peftlab's own (11: preference tuning).
 
     python scripts/build_notebooks.py           # (re)write notebooks/*.ipynb, without outputs
     python scripts/build_notebooks.py --check   # fail if a notebook differs from what this writes
@@ -258,6 +259,47 @@ tokenizer = reloaded.tokenizer
 print("new tokens:", {t: tokenizer.convert_tokens_to_ids(t) for t in dict.fromkeys(new)})
 print("tokenizer:", len(tokenizer), "tokens; embedding rows:", reloaded.model.get_input_embeddings().weight.shape[0])
 assert all(tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id for t in new)""")]),
+    Spec(11, "dpo_preference_tuning", "dpo-smollm2-ultrafeedback",
+         "DPO preference tuning with LoRA (SmolLM2, UltraFeedback)",
+         """**Direct preference optimisation** (DPO, Rafailov et al. 2023) tunes a language model on pairs: a prompt, a
+*chosen* completion and a *rejected* one. No reward model and no sampling: the loss
+$-\\log\\sigma\\big(\\beta[(\\log\\pi(y_c|x) - \\log\\pi_{ref}(y_c|x)) - (\\log\\pi(y_r|x) - \\log\\pi_{ref}(y_r|x))]\\big)$
+raises the chosen completion's log-probability against the rejected one's, measured against a frozen
+*reference* (the model before tuning), with $\\beta$ setting how far it may move. With an adapter, the reference
+is the same model with the adapter switched off: no second copy in memory.
+
+This notebook is peftlab's own (not one of the collection's ten). The published recipe trains LoRA
+($r = 16$ on the attention projections of SmolLM2-360M-Instruct) on UltraFeedback binarized (62k chat
+conversations; the prompt is the turns both answers share). `preference.loss` swaps the objective for IPO,
+ORPO, KTO or SimPO; each one's loss and logged rewards equal TRL's (tests/test_preference_trl.py).
+
+**When to use it:** the model already does the task (after instruction tuning) and you have judgements of which
+of two answers is better; DPO / IPO / KTO need the reference's log-probabilities (the adapter switched off),
+ORPO and SimPO do not.""",
+         """SmolLM2-135M-Instruct (converted once from its PyPI GGUF file, then cached), LoRA $r = 8$ on q/k/v/o, on
+preference pairs made from Rotten Tomatoes reviews: the prompt asks for a positive review, a real positive
+review is chosen and a real negative one rejected. 150 steps of 8 pairs; 200 held-out pairs are scored.""",
+         ["Write a positive review of a movie.\nReview:", "Write a positive review of a movie.\nReview: This film",
+          "Write a positive review of a movie.\nReview: The acting"],
+         ["Write a short review of a movie you liked.", "Describe your favourite film in two sentences."],
+         generative=True,
+         extra=[("""## What DPO changed
+
+The held-out pairs scored by the tuned model and by the bare base (the adapter switched off):
+`pairwise_accuracy` is the share of pairs whose chosen completion has the higher mean log-probability per
+token; `rewards/margins` is DPO's implicit reward margin, $\\beta$ times the chosen minus the rejected
+log-ratio against the reference (0 for the base, which is the reference). Then the generations of both.""",
+                 """from peftlab import evaluate, predict
+
+tuned = evaluate(reloaded)
+with reloaded.model.disable_adapter():  # the bare base: the reference DPO measured against
+    base = evaluate(reloaded)
+    base_generations = predict(reloaded, texts=PROBE)
+for name in ("pairwise_accuracy", "margin", "rewards/margins"):
+    print(f"{name:>18}: base {base[name]:.4f} -> tuned {tuned[name]:.4f}")
+for before, after in zip(base_generations, predict(reloaded, texts=PROBE)):
+    print(f"\\n{before['text']!r}\\n  base:  {before['generated']!r}\\n  tuned: {after['generated']!r}")
+assert abs(base["rewards/margins"]) < 1e-4  # the base is its own reference""")]),
 ]
 
 

@@ -1,6 +1,6 @@
-"""The ten notebooks and their recipes.
+"""The notebooks (the collection's ten and peftlab's preference-tuning one) and their recipes.
 
-Every packaged recipe validates; the ten workflows each have a full recipe and an offline
+Every packaged recipe validates; the workflows each have a full recipe and an offline
 variant; ``peftlab recipes`` lists them; ``recipe:NAME`` loads with overrides and an unknown
 name gets a did-you-mean. Each notebook in notebooks/ runs end to end in offline mode (a few
 training steps, PEFTLAB_NOTEBOOK_STEPS) in a real Jupyter kernel, a failing cell fails the
@@ -47,9 +47,9 @@ def test_every_packaged_recipe_validates():
         assert config.output_dir, recipe.name
 
 
-def test_ten_workflows_each_with_an_offline_variant():
+def test_every_workflow_has_an_offline_variant():
     table = workflows()
-    assert sorted(table) == list(range(1, 11))
+    assert sorted(table) == list(range(1, 12))  # the collection's ten and peftlab's preference notebook
     for number, (full, offline) in table.items():
         assert offline is not None, f"notebook {number} has no offline variant"
         assert offline.name == f"{full.name}-offline" and offline.offline_of == full.name

@@ -19,6 +19,7 @@ import pytest
 import peftlab
 from peftlab.config import DataConfig
 from peftlab.tasks import TASKS, base
+from peftlab.tasks.objectives import Objective
 
 PACKAGE = Path(peftlab.__file__).parent
 FLAGS = ("packs", "classifies", "generates", "chat")
@@ -75,6 +76,12 @@ def test_every_family_implements_every_member_its_flags_promise(name):
 
 # the run record's "meta" as peftlab has always written it: read and written back unchanged, key order included
 RECORDS = {
+    "preference": [{"mode": "text", "paired": True,
+                    "preference": {"loss": "dpo", "beta": 0.1, "simpo_gamma": 0.5, "desirable_weight": 1.0,
+                                   "undesirable_weight": 1.0, "precompute_reference": False}},
+                   {"mode": "chat", "paired": False,
+                    "preference": {"loss": "kto", "beta": 0.2, "simpo_gamma": 0.5, "desirable_weight": 1.5,
+                                   "undesirable_weight": 1.0, "precompute_reference": True}}],
     "seq-cls": [{"regression": False, "labels": ["negative", "positive"], "label_kind": "name"},
                 {"regression": False, "labels": ["a", "b", "c"], "label_kind": "index"},
                 {"regression": True, "labels": ["score"]}],
@@ -109,6 +116,8 @@ def _splits(rows: list[dict]) -> dict[str, datasets.Dataset]:
      {"target_column": "target"}, {"mode": "completion", "label_like": True, "targets": ["neg", "pos"]}),
     ("causal-lm", [{"text": "some text"}, {"text": "more text"}], {},
      {"mode": "text", "label_like": False, "targets": []}),
+    ("preference", [{"prompt": "q", "chosen": " yes", "rejected": " no"}], {},
+     {"mode": "text", "paired": True, "preference": Objective().to_dict()}),
 ])
 def test_inspect_writes_the_keys_it_always_wrote(name, rows, options, expected):
     meta = TASKS[name].inspect(_splits(rows), DataConfig(train_file="<inline>", **options))

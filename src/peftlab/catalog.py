@@ -28,7 +28,7 @@ from peftlab.errors import ConfigError, did_you_mean
 
 RECIPE_PREFIX = "recipe:"
 
-# The collection's ten notebooks (seed README), in order; notebook N is backed by the recipe
+# The collection's ten notebooks (seed README), in order, and peftlab's own (11); notebook N is backed by the recipe
 # whose first line starts with "# Notebook N".
 NOTEBOOKS = {
     1: "LoRA_roberta_large_peft_Seq_classification",
@@ -41,6 +41,7 @@ NOTEBOOKS = {
     8: "prefix_tuning_clm",
     9: "lora_clm_accelerate_big_model_inference",
     10: "lora_clm_with_additional_tokens",
+    11: "dpo_preference_tuning",  # peftlab's own: preference tuning (not one of the collection's ten)
 }
 
 _NOTEBOOK = re.compile(r"^Notebook (\d+)\b")

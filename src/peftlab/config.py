@@ -10,6 +10,7 @@ Layout (every section optional except ``model`` and ``data``)::
     method:   {name: lora, options: {r: 8}}  # a technique (peftlab methods)
     data:     {dataset | train_file | builtin, columns, splits, max_length}
     training: {epochs | max_steps, batch_size, learning_rate, ...}
+    preference: {loss: dpo, beta: 0.1, ...}  # task: preference only
     output_dir: runs/my-run
 """
 
@@ -143,6 +144,12 @@ class DataConfig(_Section):
     conll_tag_column: int | None = Field(None, description="Token classification, CoNLL files: the column holding "
                                                            "the tags (0 = the word; default: the last column, "
                                                            "UPOS (3) in .conllu files).")
+    prompt_column: str = Field("prompt", description="Preference / reward: the prompt (text, or chat messages).")
+    chosen_column: str = Field("chosen", description="Preference / reward: the preferred completion (text, or the "
+                               "assistant's messages).")
+    rejected_column: str = Field("rejected", description="Preference / reward: the completion that lost.")
+    completion_column: str = Field("completion", description="Preference, unpaired rows (KTO): one completion per "
+                                   "row, desirable or not as data.label_column says (true / false).")
     max_length: int = Field(128, ge=8)
     target_max_length: int = Field(32, ge=1, description="Longest target / completion in tokens (generation "
                                                          "budget in evaluation).")
@@ -297,6 +304,20 @@ class GenerationConfig(_Section):
     stop: list[str] = Field(default_factory=list, description="Stop strings (causal LM).")
 
 
+class PreferenceConfig(_Section):
+    """Preference tuning (task: preference): the objective and its knobs, named as in TRL."""
+
+    loss: Literal["dpo", "ipo", "orpo", "kto", "simpo"] = Field(
+        "dpo", description="dpo (sigmoid), ipo, orpo, kto (unpaired rows or pairs), simpo.")
+    beta: float = Field(0.1, gt=0, description="The objective's temperature (IPO: its regularisation tau; ORPO: "
+                        "the odds-ratio weight lambda).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable rows' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable rows' losses.")
+    precompute_reference: bool = Field(False, description="Compute each training row's reference log-probabilities "
+                                       "once (the first epoch) and reuse them (DPO, IPO, KTO).")
+
+
 class RunConfig(_Section):
     """A complete run."""
 
@@ -306,6 +327,7 @@ class RunConfig(_Section):
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output_dir: str = "runs/peftlab-run"
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,6 +46,34 @@ def _rotten_tomatoes() -> datasets.DatasetDict:
     return datasets.DatasetDict(train=first["train"], validation=rest["train"], test=rest["test"])
 
 
+REVIEW_PROMPT = "Write a positive review of a movie.\nReview:"
+
+
+def _rotten_tomatoes_preferences() -> datasets.DatasetDict:
+    """Preference pairs from the Rotten Tomatoes reviews: the prompt asks for a positive review; a real positive
+    ("fresh") review is chosen and a real negative ("rotten") one rejected.
+
+    Per split of ``rotten_tomatoes`` (same rows, so no review of the eval split is trained on), each positive review
+    is paired with a negative one drawn without replacement (seed 0) until one side runs out: 4,324 training pairs,
+    540 validation, 541 test.
+    """
+    import random
+
+    splits = {}
+    for name, split in _rotten_tomatoes().items():
+        names = split.features["label"].names
+        reviews = {label: [t for t, y in zip(split["text"], split["label"]) if names[y] == label]
+                   for label in ("positive", "negative")}
+        shuffle = random.Random(0)
+        for texts in reviews.values():
+            shuffle.shuffle(texts)
+        splits[name] = datasets.Dataset.from_dict({
+            "prompt": [REVIEW_PROMPT] * min(map(len, reviews.values())),
+            "chosen": [" " + t for t in reviews["positive"][:len(reviews["negative"])]],
+            "rejected": [" " + t for t in reviews["negative"][:len(reviews["positive"])]]})
+    return datasets.DatasetDict(splits)
+
+
 def _chatterbot() -> datasets.DatasetDict:
     """English prompt -> response pairs from chatterbot-corpus (tech support, trivia, ...).
 
@@ -161,6 +189,7 @@ def _stsb() -> datasets.DatasetDict:
 
 BUILTIN_DATASETS = {
     "rotten_tomatoes": _rotten_tomatoes,
+    "rotten_tomatoes_preferences": _rotten_tomatoes_preferences,
     "chatterbot": _chatterbot,
     "chatterbot_qa": _chatterbot_qa,
     "wnut16": _wnut16,

@@ -130,7 +130,7 @@ class Loop:
 @dataclass
 class Fitted:
     seconds: float  # training time (with the time before a resume), without the final evaluation
-    notes: list[str]  # for the run record (a batch-size hint)
+    notes: list[str]  # for the run record (a batch-size hint; the loss function's notes: a frozen reference's memory)
 
 
 def fit(loop: Loop, state: TrainingState, evaluator: Evaluator, checkpointer: Checkpointer, clock: Clock,
@@ -182,7 +182,8 @@ def fit(loop: Loop, state: TrainingState, evaluator: Evaluator, checkpointer: Ch
                 learning_rate = loop.scheduler.get_last_lr()[0]
                 emit("step", {"step": state.step, "loss": step_loss, "learning_rate": learning_rate,
                               "tokens": state.tokens, "seconds": clock()})
-                _log_loss(state, step_loss, learning_rate, training.log_every, tracker)
+                _log_loss(state, step_loss, learning_rate, training.log_every, tracker,
+                          getattr(loop.loss, "logged", None))
                 if ((training.eval_strategy == "steps" and state.step % training.eval_steps == 0)
                         or (training.eval_strategy == "epoch" and end_of_epoch)):
                     evaluator.record(state, loop.steps_per_epoch)
@@ -198,16 +199,19 @@ def fit(loop: Loop, state: TrainingState, evaluator: Evaluator, checkpointer: Ch
         if state.step not in evaluated:
             evaluator.record(state, loop.steps_per_epoch)
         evaluator.listeners.remove(show)
-    return Fitted(seconds, [hint] if hint else [])
+    return Fitted(seconds, ([hint] if hint else []) + list(getattr(loop.loss, "notes", [])))
 
 
-def _log_loss(state: TrainingState, loss: float, learning_rate: float, every: int, tracker) -> None:
-    """The loss curve: the mean step loss of every ``every`` steps (also to the trackers, training.report_to)."""
+def _log_loss(state: TrainingState, loss: float, learning_rate: float, every: int, tracker,
+              loss_values: Callable[[], dict[str, float]] | None = None) -> None:
+    """The loss curve: the mean step loss of every ``every`` steps (also to the trackers, training.report_to), with
+    the values the loss function logs since the last entry (``loss.logged()``: a preference objective's rewards)."""
     state.unlogged.append(loss)
     if state.step % every:
         return
-    logged = {"step": state.step, "loss": sum(state.unlogged) / len(state.unlogged), "learning_rate": learning_rate}
+    logged = {"step": state.step, "loss": sum(state.unlogged) / len(state.unlogged), "learning_rate": learning_rate,
+              **(loss_values() if loss_values else {})}
     state.losses.append(logged)
     state.unlogged = []
     if tracker:
-        tracker.log(state.step, {"train/loss": logged["loss"], "train/learning_rate": learning_rate})
+        tracker.log(state.step, {f"train/{k}": v for k, v in logged.items() if k != "step"})

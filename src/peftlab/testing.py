@@ -298,3 +298,18 @@ def write_csv(path: str | Path, rows: list[dict[str, str]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def preference_rows(n: int, seed: int = 0, chat: bool = False) -> list[dict]:
+    """The keyword task as preference pairs: the right label chosen, the wrong one rejected (``chat``: as messages)."""
+    rows = []
+    for r in keyword_rows(n, seed):
+        wrong = "negative" if r["label"] == "positive" else "positive"
+        if chat:
+            rows.append({"prompt": [{"role": "user", "content": r["text"]}],
+                         "chosen": [{"role": "assistant", "content": r["label"]}],
+                         "rejected": [{"role": "assistant", "content": wrong}]})
+        else:
+            rows.append({"prompt": f"review : {r['text']} label :", "chosen": f" {r['label']}",
+                         "rejected": f" {wrong}"})
+    return rows

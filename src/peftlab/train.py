@@ -38,7 +38,7 @@ from peftlab.method_stage import build_model, count_parameters, mixed_precision,
 from peftlab.methods import MethodSpec, get_method
 from peftlab.model import load_model_config, load_tokenizer, max_positions
 from peftlab.progress import warn
-from peftlab.tasks import balance, get_task
+from peftlab.tasks import balance, get_task, run_meta
 
 
 @dataclass
@@ -174,7 +174,7 @@ def prepare(config: RunConfig, *, resume: bool = False, overwrite: bool = False)
     tokenizer = load_tokenizer(config.model)
     with accelerator.main_process_first():  # the others then reuse the main process's dataset cache
         splits = load_splits(config.data, seed=training.seed)
-    meta = task.inspect(splits, config.data)
+    meta = run_meta(task, splits, config)
     loss, weights, balance_notes = _class_balance(config, task, splits["train"], meta, accelerator.is_main_process)
     loss = loss or task.training_loss(meta)  # class weights, else the family's own loss (None: the model's)
 

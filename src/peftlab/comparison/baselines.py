@@ -43,7 +43,7 @@ from peftlab import placement
 from peftlab.config import RunConfig
 from peftlab.data import load_splits
 from peftlab.model import load_tokenizer, max_positions
-from peftlab.tasks import get_task
+from peftlab.tasks import get_task, run_meta
 from peftlab.tasks.base import LOWER_IS_BETTER
 
 PROPORTIONS = frozenset({"accuracy", "exact_match"})  # metrics that are a share of eval rows
@@ -122,7 +122,7 @@ def data_baseline(config: RunConfig, seeds: list[int]) -> dict[str, Any] | None:
     task = get_task(config.task)
     found = []
     for _, splits in _splits_per_eval(config, seeds):
-        meta = task.inspect(splits, config.data)
+        meta = run_meta(task, splits, config)
         found.append((task.main_metric(meta), task.baseline(splits, config.data, meta)))
     if any(baseline is None for _, baseline in found):
         return None
@@ -135,8 +135,10 @@ def data_baseline(config: RunConfig, seeds: list[int]) -> dict[str, Any] | None:
 
 def base_model_key(config: RunConfig, seeds: list[int]) -> str:
     """What the base model's score depends on: same key, same measurement."""
+    section = get_task(config.task).config_section  # the family's own settings (a preference objective's beta)
     settings = {"model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
-                "seeds": sorted(seeds), "eval_batch_size": config.training.eval_batch_size}
+                "seeds": sorted(seeds), "eval_batch_size": config.training.eval_batch_size,
+                **({section: getattr(config, section).model_dump(mode="json")} if section else {})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,7 +152,7 @@ def measure_base_model(config: RunConfig, seeds: list[int]) -> dict[str, Any] | 
     tokenizer = load_tokenizer(config.model)
     measured, metric = [], None
     for _, splits in _splits_per_eval(config, seeds):
-        meta = task.inspect(splits, config.data)
+        meta = run_meta(task, splits, config)
         metric = task.main_metric(meta)
         model = task.load_model(config.model, meta)
         if torch.cuda.is_available() and not placement.uses_placement(config.model) \

@@ -150,6 +150,8 @@ def notes(summary: Summary) -> list[str]:
     lines += [f"{method} overrides: {', '.join(items)}" for method, items in overrides.items()]
     lines += [f"{row['name']} failed: {row['error'].splitlines()[0]}"
               for g in summary.groups for row in g.rows if row["status"] != "ok"]
+    lines += list(dict.fromkeys(f"{g.method}: {note}" for g in summary.groups for row in g.ok
+                                for note in row.get("notes", [])))  # e.g. full fine-tuning's frozen reference
     return lines + load_notes(summary)
 
 

@@ -136,6 +136,7 @@ def train_one(run: PlannedRun, on_event=None, repeat_timing: int = 0,
         "metrics": _numbers(result.metrics), "initial_metrics": initial,
         "initial_value": initial.get(result.main_metric), **load.record(),
         "loss_curve": recorder.loss_curve,
+        "notes": [note for note in result.notes if note.startswith("memory:")],  # what its memory figure holds
     }
     if repeat_timing:
         del result  # the trained model: out of memory before the timing runs load theirs

@@ -667,7 +667,7 @@ def create_app(server: Server) -> FastAPI:
         wants_pairs = adapter.task.needs_pairs(adapter.data)
         if wants_pairs and pairs is None:
             raise APIError(400, f'"{adapter.name}" classifies text pairs: give input_pair', param="input_pair")
-        if pairs is not None and not wants_pairs:
+        if pairs is not None and not adapter.task.accepts_pairs(adapter.data):
             raise APIError(400, f'"{adapter.name}" classifies single texts: drop input_pair', param="input_pair")
         records, lengths = await one_pass(request, adapter, texts, pairs, isinstance(body.input, str))
         data = []

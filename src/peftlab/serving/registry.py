@@ -233,7 +233,7 @@ class Registry:
             raise AdapterNotFound(f"adapter directory not found: {path}")
         source = read_adapter(path, base=self.model_config.name)
         source.model_config = source.model_config.model_copy(update={"trust_remote_code": False})
-        if source.task.name != self.task.name:
+        if not _served_together(source.task, self.task):
             raise AdapterError(f'{path} is a {source.task.name} adapter; this server serves {self.task.name}',
                                "serve each task family with its own server")
         vocab = (source.record.base or {}).get("vocab_size")
@@ -398,6 +398,13 @@ class Registry:
             model.set_adapter(name)
         tol = dict(atol=1e-4, rtol=1e-4)
         return bool(torch.allclose(mixed[0], alone[0], **tol) and torch.allclose(mixed[1], bare[0], **tol))
+
+
+def _served_together(family, served) -> bool:
+    """Whether one server serves adapters of both families: the same family, or two that generate with the same kind
+    of model (a preference-tuned causal LM beside causal-lm adapters: the same prompts, the same generation)."""
+    return family.name == served.name or (family.generates and served.generates
+                                          and family.auto_class is served.auto_class)
 
 
 def infer_task(adapters: dict[str, str | Path], base: str, task: str | None) -> str:

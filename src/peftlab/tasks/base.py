@@ -98,6 +98,9 @@ class Task(Protocol):
     # the base model as it is (no adapter) is the reference a comparison measures: families without a formula baseline
     # whose bare base already does the task (generation, embeddings); False where the bare head is untrained
     base_is_reference: bool
+    # the run config's section of this family's own settings (``"preference"``: the objective), kept in ``meta`` under
+    # that key (tasks.run_meta) so evaluation and serving of a saved run use what it trained with; None: none
+    config_section: str | None
 
     def main_metric(self, meta: Meta) -> str:
         """The metric that picks the best evaluation (higher is better unless in ``LOWER_IS_BETTER``)."""
@@ -192,6 +195,10 @@ class Classifier(Protocol):
     def needs_pairs(self, data: DataConfig) -> bool:
         """Whether each input is a pair of texts (serving's ``input_pair``): a pair classifier's, a question and its
         passage."""
+
+    def accepts_pairs(self, data: DataConfig) -> bool:
+        """Whether an input may come with a pair (serving's ``input_pair``): where pairs are needed, and where they are
+        optional (a reward model: a prompt and its completion, or one whole text)."""
 
     def labels(self, meta: Meta) -> list[str]:
         """The names of the head's outputs (one per output; a regression's single score: its label column)."""

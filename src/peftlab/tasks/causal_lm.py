@@ -59,6 +59,7 @@ class CausalLM:
     classifies, generates, chat = False, True, True
     embeds = False
     base_is_reference = True  # a comparison measures the bare base (no formula baseline for free text)
+    config_section = None  # no run-config section of its own (see tasks.base.Task)
 
     def main_metric(self, meta: Meta) -> str:
         return gen.main_metric(meta)

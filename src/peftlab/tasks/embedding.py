@@ -185,6 +185,7 @@ class SentenceEmbedding:
     chat = False
     embeds = True  # serving: /v1/embeddings
     base_is_reference = True  # the bare base already embeds: a comparison measures it
+    config_section = None  # no run-config section of its own (see tasks.base.Task)
 
     def main_metric(self, meta: Meta) -> str:
         return "spearman" if EmbeddingMeta.of(meta).mode == "scored" else "ndcg@10"
@@ -396,6 +397,9 @@ class SentenceEmbedding:
                                **forward_kwargs).cpu()
 
     def needs_pairs(self, data: DataConfig) -> bool:
+        return False
+
+    def accepts_pairs(self, data: DataConfig) -> bool:
         return False
 
     def record(self, text: str, pair: str | None, row_logits: torch.Tensor, meta: Meta,

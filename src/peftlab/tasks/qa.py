@@ -219,6 +219,7 @@ class QuestionAnswering:
     chat = False
     embeds = False
     base_is_reference = False  # the bare base's qa_outputs head is untrained: the empty answer is the reference
+    config_section = None  # no run-config section of its own (see tasks.base.Task)
     warns_imbalance = False  # no classes
 
     def main_metric(self, meta: Meta) -> str:
@@ -346,6 +347,9 @@ class QuestionAnswering:
 
     def needs_pairs(self, data: DataConfig) -> bool:
         return True  # a question and its passage
+
+    def accepts_pairs(self, data: DataConfig) -> bool:
+        return True
 
     def labels(self, meta: Meta) -> list[str]:
         return ["start", "end"]  # the head's two outputs per token

@@ -66,6 +66,7 @@ class SequenceClassification:
     classifies, generates, chat = True, False, False
     embeds = False
     base_is_reference = False  # the bare base's head is untrained: the majority class is the reference
+    config_section = None  # no run-config section of its own (see tasks.base.Task)
     warns_imbalance = True  # training warns once about imbalanced labels (tasks.balance)
 
     def main_metric(self, meta: Meta) -> str:
@@ -221,6 +222,9 @@ class SequenceClassification:
 
     def needs_pairs(self, data: DataConfig) -> bool:
         return bool(data.text_pair_column)
+
+    def accepts_pairs(self, data: DataConfig) -> bool:
+        return self.needs_pairs(data)
 
     def labels(self, meta: Meta) -> list[str]:
         return list(ClassificationMeta.of(meta).labels)

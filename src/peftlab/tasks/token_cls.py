@@ -125,6 +125,7 @@ class TokenClassification:
     chat = False
     embeds = False
     base_is_reference = False  # the bare base's head is untrained: the majority tag is the reference
+    config_section = None  # no run-config section of its own (see tasks.base.Task)
     warns_imbalance = False  # "O" dominates every NER corpus; entity F1, the main metric, does not count it
 
     def main_metric(self, meta: Meta) -> str:
@@ -285,6 +286,9 @@ class TokenClassification:
         return TaggingMeta(labels=["LABEL_0", "LABEL_1"], label_kind="index").to_dict()
 
     def needs_pairs(self, data: DataConfig) -> bool:
+        return False
+
+    def accepts_pairs(self, data: DataConfig) -> bool:
         return False
 
     def labels(self, meta: Meta) -> list[str]:
