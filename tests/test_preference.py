@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftlab import build_config, load_adapter, merge, predict, train
+from peftlab import build_config, evaluate, load_adapter, merge, predict, train
 from peftlab.errors import ConfigError, DataError
 from peftlab.methods import METHODS
 from peftlab.tasks.preference import PreferenceLoss
@@ -122,6 +122,8 @@ def test_full_fine_tuning_keeps_a_frozen_reference_that_is_never_saved(tiny_lms,
 def test_plain_peft_loads_the_adapter_and_it_prefers_the_chosen_answer(tiny_lms, pref_data, tmp_path):
     result = train(pref_config(tiny_lms, pref_data, tmp_path), overwrite=True)
     loaded = load_adapter(result.output_dir)
+    for name in ("pairwise_accuracy", "rewards/margins"):  # peftlab eval of the saved run: what training measured
+        assert evaluate(loaded)[name] == pytest.approx(result.metrics[name], abs=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_lms["llama"]).eval()
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lms["llama"]),
                                       str(result.output_dir)).eval()
@@ -251,3 +253,30 @@ def test_compare_ranks_techniques_on_a_preference_recipe(tiny_lms, pref_data, tm
     assert rows["full"]["notes"] and "frozen copy" in rows["full"]["notes"][0]
     assert not rows["lora"]["notes"]
     assert any("full: memory:" in line for line in notes(summarize(result.rows, result.baselines)))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_resumed_preference_run_equals_the_uninterrupted_one(tiny_lms, pref_data, tmp_path, method):
+    """Checkpoints and resume as for every family: the same weights, evaluations and loss curve (its rewards
+    included); full fine-tuning's reference is read again from the base, not taken from the resumed weights."""
+    from safetensors.torch import load_file
+
+    from peftlab import checkpoint
+
+    settings = {"training.eval_strategy": "steps", "training.eval_steps": 4, "training.checkpoint_every": 4,
+                "training.log_every": 2, "data.max_train_samples": 64}
+    reference = train(pref_config(tiny_lms, pref_data, tmp_path / "a", method=method, steps=10, **settings))
+    config = pref_config(tiny_lms, pref_data, tmp_path / "b", method=method, steps=10, **settings)
+
+    def crash(kind, data):
+        if kind == "step" and data["step"] == 6:
+            raise RuntimeError("crash")  # a checkpoint at step 4, then the process dies
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train(config, on_event=crash)
+    assert checkpoint.saved(checkpoint.directory_for(config))
+    resumed = train(config, resume=True)
+    assert resumed.history == reference.history and resumed.losses == reference.losses
+    name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    left, right = load_file(str(reference.output_dir / name)), load_file(str(resumed.output_dir / name))
+    assert all(torch.equal(left[k], right[k]) for k in left)

@@ -70,15 +70,16 @@ def _dataset(loaded: LoadedAdapter, data: DataConfig, file: str | None, split: s
     return splits[split]
 
 
-def evaluate(adapter_dir: str | Path, *, data: str | None = None, split: str = "eval",
+def evaluate(adapter_dir: Any, *, data: str | None = None, split: str = "eval",
              overrides: list[str] | None = None, base: str | None = None, batch_size: int = 64,
              device: str | None = None, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics of an adapter on its run's evaluation split, another split, or a file.
 
+    ``adapter_dir``: an adapter directory, a :class:`LoadedAdapter` or a ``RunResult`` (as for :func:`predict`);
     ``model_options`` place or quantize the base (``device_map``, ``max_memory``,
     ``offload_folder``, ``quantization``; docs/big-models.md).
     """
-    loaded = load_adapter(adapter_dir, base=base, device=device, model_options=model_options)
+    loaded = _loaded(adapter_dir) or load_adapter(adapter_dir, base=base, device=device, model_options=model_options)
     inputs = evaluation_inputs(loaded, data=data, split=split, overrides=overrides)
     return loaded.task.evaluate(loaded.model, loaded.tokenizer, inputs.raw, inputs.encoded, inputs.data, loaded.meta,
                                 inputs.max_length, batch_size)

@@ -17,6 +17,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftlab.config import DataConfig, GenerationConfig, ModelConfig
+from peftlab.errors import ConfigError
 from peftlab.placement import input_device
 
 
@@ -231,6 +232,24 @@ class Classifier(Protocol):
                        encoded: datasets.Dataset, data: DataConfig, meta: Meta,
                        batch_size: int) -> tuple[dict[str, float], Any, Any]:
         """``evaluate``'s metrics and the gold and predicted label ids behind them; ConfigError without classes."""
+
+
+class WithoutClasses:
+    """The by-class members of :class:`Classifier` for a family whose head has no classes (question answering's
+    start / end scores, a reward model's one score): no label counts; class weights and ``eval --report`` refused
+    with the family's ``no_classes`` message and fix."""
+
+    no_classes: tuple[str, str]  # (what the head gives instead of classes, which metrics to read)
+
+    def label_counts(self, raw: datasets.Dataset, data: DataConfig, meta: Meta) -> dict[str, int]:
+        return {}
+
+    def loss_function(self, weights: list[float]):
+        raise ConfigError(self.no_classes[0], "class weights (training.class_weights) and peftlab eval --report "
+                                              f"apply to classifiers with labels; {self.no_classes[1]}")
+
+    def label_outcomes(self, model, tokenizer, raw, encoded, data, meta, batch_size):
+        self.loss_function([])
 
 
 @runtime_checkable

@@ -185,7 +185,7 @@ def check_budget(prompt_lengths: list[int], max_length: int, where: str) -> None
     to learn from; TRL drops such rows silently)."""
     long = [i for i, n in enumerate(prompt_lengths) if n >= max_length]
     if long:
-        raise DataError(f"{where} has {len(long)} row(s) whose prompt alone is {max(prompt_lengths)} tokens or more "
-                        f"of the budget data.max_length={max_length} (rows {', '.join(map(str, long[:5]))}"
-                        f"{' ...' if len(long) > 5 else ''}; counted from 0): no completion token would be left",
+        raise DataError(f"{where} has {len(long)} row(s) whose prompt alone fills the token budget data.max_length="
+                        f"{max_length} (the longest: {max(prompt_lengths)} tokens; rows {', '.join(map(str, long[:5]))}"
+                        f"{' ...' if len(long) > 5 else ''}, counted from 0): no completion token would be left",
                         "raise data.max_length, shorten those prompts, or drop those rows")

@@ -37,7 +37,7 @@ from peftlab.data import require_columns
 from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base, pad_with_eos
 from peftlab.progress import warn
-from peftlab.tasks.base import Baseline, Meta, model_device
+from peftlab.tasks.base import Baseline, Meta, WithoutClasses, model_device
 
 CLS = 0  # the token a window's "no answer here" points at
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -45,10 +45,6 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # 384-token windows (or the tokenizer's limit), sharing data.doc_stride's default
 _SERVING_WINDOW = 384
 _DEFAULT_STRIDE = DataConfig.model_fields["doc_stride"].default
-_NO_CLASSES = ("question answering has no classes: its head scores each token as the answer's start and end",
-               "class weights (training.class_weights) and peftlab eval --report apply to classifiers with labels; "
-               "use peftlab eval (exact_match, f1)")
-
 
 # --- SQuAD's answer normalisation and scores (the official v2.0 evaluation script) -------------------------
 
@@ -205,7 +201,7 @@ def best_answer(context: str, scores: Sequence[torch.Tensor], offsets: Sequence[
 
 # --- the family ---------------------------------------------------------------------------------
 
-class QuestionAnswering:
+class QuestionAnswering(WithoutClasses):
     """question + passage -> the answer span (or none, SQuAD v2.0), scored by SQuAD exact match and F1"""
 
     name = "qa"
@@ -220,6 +216,9 @@ class QuestionAnswering:
     embeds = False
     base_is_reference = False  # the bare base's qa_outputs head is untrained: the empty answer is the reference
     config_section = None  # no run-config section of its own (see tasks.base.Task)
+    # class weights and eval --report refused (WithoutClasses) with this message and fix
+    no_classes = ("question answering has no classes: its head scores each token as the answer's start and end",
+                  "use peftlab eval (exact_match, f1)")
     warns_imbalance = False  # no classes
 
     def main_metric(self, meta: Meta) -> str:
@@ -407,17 +406,6 @@ class QuestionAnswering:
                                         data.max_answer_length, answers)
         metrics = squad_scores([texts for texts, _ in answers], [f["answer"] for f in found])
         return {"loss": loss if loss is not None else float("nan"), **metrics}
-
-    # --- no classes: class weights and eval --report do not apply -------------------------------
-
-    def label_counts(self, raw: datasets.Dataset, data: DataConfig, meta: Meta) -> dict[str, int]:
-        return {}
-
-    def loss_function(self, weights: list[float]):
-        raise ConfigError(*_NO_CLASSES)
-
-    def label_outcomes(self, model, tokenizer, raw, encoded, data, meta, batch_size):
-        raise ConfigError(*_NO_CLASSES)
 
     # --- prediction and serving -----------------------------------------------------------
 

@@ -42,13 +42,9 @@ from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base, pad_with_eos
 from peftlab.progress import warn
 from peftlab.tasks import pairs as preference_data
-from peftlab.tasks.base import Baseline, Meta, model_device
+from peftlab.tasks.base import Baseline, Meta, WithoutClasses, model_device
 
 REJECTED = "rejected_input_ids"  # an encoded row's rejected sequence (``input_ids``: the chosen one)
-_NO_CLASSES = ("a reward model has no classes: its head gives one score per text",
-               "class weights (training.class_weights) and peftlab eval --report apply to classifiers with labels; "
-               "use peftlab eval (pairwise_accuracy, margin)")
-
 
 # --- typed meta ---------------------------------------------------------------------------------
 
@@ -139,7 +135,7 @@ def _is_empty(value: Any) -> bool:
     return value is None or not str(value).strip()
 
 
-class RewardModel:
+class RewardModel(WithoutClasses):
     """prompt + chosen / rejected completions -> a scalar reward (Bradley-Terry loss), scored by pairwise accuracy"""
 
     name = "reward"
@@ -152,6 +148,9 @@ class RewardModel:
     embeds = False
     base_is_reference = False  # the bare base's head is untrained: chance (0.5 pairwise accuracy) is the reference
     config_section = None  # no run-config section of its own (see tasks.base.Task)
+    # class weights and eval --report refused (WithoutClasses) with this message and fix
+    no_classes = ("a reward model has no classes: its head gives one score per text",
+                  "use peftlab eval (pairwise_accuracy, margin)")
     warns_imbalance = False  # no classes
 
     def main_metric(self, meta: Meta) -> str:
@@ -303,17 +302,6 @@ class RewardModel:
 
     def evaluate(self, model, tokenizer, raw, encoded, data, meta, max_length, batch_size):
         return pair_metrics(*self._pair_rewards(model, tokenizer, encoded, batch_size))
-
-    # --- no classes: class weights and eval --report do not apply -------------------------------
-
-    def label_counts(self, raw: datasets.Dataset, data: DataConfig, meta: Meta) -> dict[str, int]:
-        return {}
-
-    def loss_function(self, weights: list[float]):
-        raise ConfigError(*_NO_CLASSES)
-
-    def label_outcomes(self, model, tokenizer, raw, encoded, data, meta, batch_size):
-        raise ConfigError(*_NO_CLASSES)
 
     # --- prediction and serving -----------------------------------------------------------
 
