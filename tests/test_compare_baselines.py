@@ -257,6 +257,7 @@ def _busy_loop() -> psutil.Process:
     return loop
 
 
+@pytest.mark.slow  # a busy process beside a run: ~3 s (CI runs it)
 def test_a_run_measured_beside_a_busy_process_is_marked(seq_cls_raw, tmp_path):
     loop = _busy_loop()
     try:

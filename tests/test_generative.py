@@ -96,7 +96,8 @@ def check_generation_is_faithful(model, tokenizer, prompts: list[list[int]], dec
             assert generation_drift(model, prompt, use_cache) < 1e-4, (prompt, use_cache)
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
+# GPT-2 in CI's slow run only (the everyday loop's budget): Llama covers decoder-only there
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "gpt2" else a for a in FAMILIES])
 @pytest.mark.parametrize("method", TECHNIQUES)
 def test_technique_trains_generates_and_reloads(tiny_lms, generative_data, tmp_path, arch, method):
     config = generative_config(tiny_lms, generative_data, tmp_path, arch, method)

@@ -68,6 +68,7 @@ def test_each_objective_learns_the_preference(tiny_lms, pref_data, tmp_path, los
     assert saved["meta"]["preference"]["loss"] == loss  # the objective travels with the run
 
 
+@pytest.mark.slow  # the everyday loop's budget (CI runs it)
 def test_kto_learns_from_unpaired_rows(tiny_lms, pref_data, tmp_path):
     result = train(pref_config(tiny_lms, pref_data, tmp_path, loss="kto", prefix="unpaired_"), overwrite=True,
                    evaluate_before=False)
@@ -75,12 +76,14 @@ def test_kto_learns_from_unpaired_rows(tiny_lms, pref_data, tmp_path):
     assert "kl" in result.losses[-1]
 
 
+@pytest.mark.slow  # the everyday loop's budget (CI runs it)
 def test_chat_rows_train_through_the_template(tiny_lms, pref_data, tmp_path):
     result = train(pref_config(tiny_lms, pref_data, tmp_path, prefix="chat_"), overwrite=True, evaluate_before=True)
     assert result.metrics["pairwise_accuracy"] >= result.initial_metrics["pairwise_accuracy"] + 0.2
     assert json.loads((result.output_dir / "peftlab.json").read_text())["meta"]["mode"] == "chat"
 
 
+@pytest.mark.slow  # the everyday loop's budget (CI runs it)
 def test_precomputed_reference_gives_the_same_run_with_fewer_passes(tiny_lms, pref_data, tmp_path, monkeypatch):
     """Two epochs with the cache: the same metrics as without, each training sequence's reference computed once."""
     import peftlab.tasks.preference as preference
@@ -255,6 +258,7 @@ def test_compare_ranks_techniques_on_a_preference_recipe(tiny_lms, pref_data, tm
     assert any("full: memory:" in line for line in notes(summarize(result.rows, result.baselines)))
 
 
+@pytest.mark.slow  # the everyday loop's budget (CI runs it)
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_resumed_preference_run_equals_the_uninterrupted_one(tiny_lms, pref_data, tmp_path, method):
     """Checkpoints and resume as for every family: the same weights, evaluations and loss curve (its rewards

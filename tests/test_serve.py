@@ -336,6 +336,7 @@ def _streamed_text(http, body) -> str:
     return text
 
 
+@pytest.mark.slow  # ~3 s (CI runs it); the classification twin stays in the everyday loop
 def test_under_load_prompt_learning_lora_base_and_streams_each_answer_as_alone(lm_server):
     """Continuous LoRA/base rows, generate() rows of a prompt-tuning adapter and streams, all at once."""
     http = lm_server.http

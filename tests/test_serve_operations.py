@@ -169,6 +169,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a real server process: ~7 s (CI runs it)
 def test_sigterm_ends_every_answer_and_exits_in_bounded_time(models):
     port = _port()
     url = f"http://127.0.0.1:{port}"

@@ -61,8 +61,7 @@ class PreferenceMeta:
 
 
 class PreferenceTuning(CausalLM):
-    """prompt + chosen / rejected completions (or KTO's desirable / undesirable ones) -> a causal LM that prefers
-    the chosen; generates like causal-lm"""
+    """prompt + chosen / rejected completions -> a causal LM that prefers the chosen (DPO, IPO, ORPO, KTO, SimPO)"""
 
     name = "preference"
     meta_type = PreferenceMeta
