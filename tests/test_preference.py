@@ -284,3 +284,20 @@ def test_a_resumed_preference_run_equals_the_uninterrupted_one(tiny_lms, pref_da
     name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     left, right = load_file(str(reference.output_dir / name)), load_file(str(resumed.output_dir / name))
     assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_long_completions_are_cut_at_the_budget_with_a_count(tiny_lms, capsys):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from peftlab.config import DataConfig
+    from peftlab.tasks import get_task
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lms["llama"])
+    rows = [{"prompt": "review : alpha label :", "chosen": " positive" + " bravo" * 20, "rejected": " negative"},
+            {"prompt": "review : delta label :", "chosen": " negative", "rejected": " positive"}]
+    encoded = get_task("preference").encode(datasets.Dataset.from_list(rows), tokenizer, DataConfig(train_file="x"),
+                                            {"mode": "text", "paired": True}, 12, "rows")
+    assert max(len(ids) for ids in encoded["input_ids"]) == 12  # prompt + chosen cut at the budget
+    assert encoded["rejected_ids"][0][-1] == tokenizer.eos_token_id  # the short one keeps its end
+    assert "1 of 2 rows are longer than data.max_length=12" in capsys.readouterr().err

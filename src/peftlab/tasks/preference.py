@@ -33,6 +33,7 @@ import torch
 from peftlab.config import DataConfig
 from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base, pad_with_eos
+from peftlab.progress import warn
 from peftlab.tasks import pairs
 from peftlab.tasks.base import Baseline, Meta, model_device
 from peftlab.tasks.causal_lm import CausalLM
@@ -91,8 +92,10 @@ class PreferenceTuning(CausalLM):
         pairs.check_budget([len(prompt) for prompt, _ in tokenized], max_length, where)
         features: dict[str, list] = {"input_ids": [], "prompt_length": [], "row": []}
         features.update({"rejected_ids": []} if shape.paired else {"desirable": []})
-        for index, ((prompt, completions), row) in enumerate(zip(tokenized, dataset)):
-            completions = pairs.fit(prompt, completions, max_length)
+        cut = 0
+        for index, ((prompt, whole), row) in enumerate(zip(tokenized, dataset)):
+            completions = pairs.fit(prompt, whole, max_length)
+            cut += completions != whole
             features["input_ids"].append(prompt + completions[0])
             features["prompt_length"].append(len(prompt))
             features["row"].append(index)
@@ -100,6 +103,9 @@ class PreferenceTuning(CausalLM):
                 features["rejected_ids"].append(prompt + completions[1])
             else:
                 features["desirable"].append(pairs.desirable(row, data))
+        if cut:
+            warn(f"{where}: {cut} of {len(dataset)} rows are longer than data.max_length={max_length} tokens; the end "
+                 "of their completions was cut")
         return datasets.Dataset.from_dict(features)
 
     def collator(self, tokenizer):
