@@ -149,18 +149,26 @@ def test_plain_peft_loads_the_adapter_and_it_prefers_the_chosen_answer(tiny_lms,
         torch.testing.assert_close(merged(**ids).logits, tuned_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_served_like_any_causal_lm_adapter(tiny_lms, pref_data, tmp_path):
+def test_served_beside_a_causal_lm_adapter_of_the_same_base(tiny_lms, pref_data, tmp_path):
+    """One server: the preference-tuned adapter and a causal-lm one (plain peft), each answering as predict does."""
     from fastapi.testclient import TestClient
+    from peft import LoraConfig
+    from serve_helpers import save_random_adapter
 
     from peftlab.serving import create_app, create_server
 
     result = train(pref_config(tiny_lms, pref_data, tmp_path), overwrite=True)
+    other = save_random_adapter(tiny_lms["llama"], tmp_path / "plain", LoraConfig(r=4, task_type="CAUSAL_LM"), seed=1)
     prompt = preference_rows(1, seed=9)[0]["prompt"]
-    expected = predict(result.output_dir, texts=[prompt])[0]["generated"]
-    with TestClient(create_app(create_server(str(tiny_lms["llama"]), {"tuned": str(result.output_dir)}))) as client:
-        answer = client.post("/v1/completions", json={"model": "tuned", "prompt": prompt, "max_tokens": 32})
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["choices"][0]["text"].strip() == expected.strip()
+    expected = {name: predict(path, texts=[prompt])[0]["generated"]
+                for name, path in (("tuned", result.output_dir), ("plain", other))}
+    assert expected["tuned"] != expected["plain"]
+    server = create_server(str(tiny_lms["llama"]), {"tuned": str(result.output_dir), "plain": str(other)})
+    with TestClient(create_app(server)) as client:
+        for name in ("tuned", "plain"):
+            answer = client.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 32})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["text"].strip() == expected[name].strip(), name
 
 
 # --- clear errors ------------------------------------------------------------------------------------
