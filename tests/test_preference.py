@@ -235,9 +235,9 @@ def test_every_technique_trains_with_dpo(tiny_lms, pref_data, tmp_path, method):
 
 
 def test_the_loss_logs_means_since_its_last_report():
-    from peftlab.tasks.objectives import Objective
+    from peftlab.config import PreferenceConfig
 
-    loss = PreferenceLoss(Objective(), cache=False)
+    loss = PreferenceLoss(PreferenceConfig(), cache=False)
     loss._logged["rewards/margins"] += [1.0, 3.0]
     assert loss.logged() == {"rewards/margins": 2.0}
     assert loss.logged() == {}

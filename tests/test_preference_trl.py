@@ -16,8 +16,8 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftlab.config import DataConfig
-from peftlab.tasks.objectives import Objective, sequence_logps
+from peftlab.config import DataConfig, PreferenceConfig
+from peftlab.tasks.objectives import sequence_logps
 from peftlab.tasks.preference import PairCollator, PreferenceLoss, PreferenceTuning, pad
 from peftlab.testing import preference_rows
 
@@ -45,9 +45,9 @@ def _rows(kind: str) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-def _ours(model, tokenizer, dataset, objective: Objective):
+def _ours(model, tokenizer, dataset, objective: PreferenceConfig):
     task = PreferenceTuning()
-    meta = {"mode": "text", "paired": "chosen" in dataset.column_names, "preference": objective.to_dict()}
+    meta = {"mode": "text", "paired": "chosen" in dataset.column_names, "preference": objective.model_dump(mode="json")}
     encoded = task.encode(dataset, tokenizer, DataConfig(train_file="x.csv"), meta, 64, "rows")
     batch = task.collator(tokenizer)([encoded[i] for i in range(len(encoded))])
     loss = PreferenceLoss(objective, cache=False)
@@ -89,7 +89,7 @@ def test_dpo_and_ipo_equal_trl(base, tokenizer, tmp_path, loss, kind):
         their_loss = float(trainer.compute_loss(policy, their_batch))
     theirs = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
 
-    batch, our_loss, ours = _ours(policy, tokenizer, dataset, Objective(loss=loss, beta=0.2))
+    batch, our_loss, ours = _ours(policy, tokenizer, dataset, PreferenceConfig(loss=loss, beta=0.2))
     # the same tokens: our sequences are TRL's (prompt + completion, text completions ending with EOS)
     width = min(batch["input_ids"].shape[1], their_batch["input_ids"].shape[1])
     assert torch.equal(batch["attention_mask"].sum(1), their_batch["attention_mask"].sum(1))
@@ -112,7 +112,7 @@ def test_kto_equals_trl(base, tokenizer, tmp_path):
     theirs = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
 
     _, our_loss, ours = _ours(policy, tokenizer, dataset,
-                              Objective(loss="kto", beta=0.2, desirable_weight=1.5, undesirable_weight=0.5))
+                              PreferenceConfig(loss="kto", beta=0.2, desirable_weight=1.5, undesirable_weight=0.5))
     assert our_loss == pytest.approx(their_loss, abs=TOL)
     _assert_logged(theirs, ours, ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                                   "logps/rejected"])
@@ -143,7 +143,7 @@ def test_orpo_and_simpo_equal_trl(base, tokenizer, tmp_path, loss):
             ids = ids[mask.bool()].tolist()
             sequences.append((ids, int((labels != -100).nonzero()[0])))
     batch = {**pad(sequences, tokenizer.pad_token_id), "row": torch.arange(ROWS), "key": torch.arange(2 * ROWS)}
-    objective = Objective(loss=loss, beta=0.2, simpo_gamma=0.3)
+    objective = PreferenceConfig(loss=loss, beta=0.2, simpo_gamma=0.3)
     with torch.no_grad():
         scored = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
         our_loss, ours = PreferenceLoss(objective, cache=False).terms(policy, batch, scored)

@@ -19,7 +19,7 @@ import pytest
 import peftlab
 from peftlab.config import DataConfig
 from peftlab.tasks import TASKS, base
-from peftlab.tasks.objectives import Objective
+from peftlab.config import PreferenceConfig
 
 PACKAGE = Path(peftlab.__file__).parent
 FLAGS = ("packs", "classifies", "generates", "chat")
@@ -117,7 +117,7 @@ def _splits(rows: list[dict]) -> dict[str, datasets.Dataset]:
     ("causal-lm", [{"text": "some text"}, {"text": "more text"}], {},
      {"mode": "text", "label_like": False, "targets": []}),
     ("preference", [{"prompt": "q", "chosen": " yes", "rejected": " no"}], {},
-     {"mode": "text", "paired": True, "preference": Objective().to_dict()}),
+     {"mode": "text", "paired": True, "preference": PreferenceConfig().model_dump(mode="json")}),
 ])
 def test_inspect_writes_the_keys_it_always_wrote(name, rows, options, expected):
     meta = TASKS[name].inspect(_splits(rows), DataConfig(train_file="<inline>", **options))

@@ -317,6 +317,11 @@ class PreferenceConfig(_Section):
     precompute_reference: bool = Field(False, description="Compute each training row's reference log-probabilities "
                                        "once (the first epoch) and reuse them (DPO, IPO, KTO).")
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the objective measures the policy against a reference model (ORPO and SimPO do not)."""
+        return self.loss not in ("orpo", "simpo")
+
 
 class RunConfig(_Section):
     """A complete run."""

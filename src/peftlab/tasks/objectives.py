@@ -1,53 +1,27 @@
 """Preference objectives: DPO (sigmoid), IPO, ORPO, KTO and SimPO, from sequence log-probabilities.
 
 The formulas, defaults and logged metric names are TRL's (1.16: DPOTrainer, KTOTrainer, and the
-experimental ORPOTrainer and CPOTrainer with ``loss_type="simpo"``, ``cpo_alpha=0``); the tests check
+experimental ORPOTrainer and CPOTrainer with ``loss_type="simpo"``, ``cpo_alpha=0``), the objective and its knobs
+the run config's ``preference`` section (:class:`peftlab.config.PreferenceConfig`); the tests check
 each against TRL on the same model and batch. A batch is one padded tensor of sequences (pairs: the
 chosen rows, then the rejected rows in the same order), ``labels`` -100 outside the completion.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from peftlab.config import PreferenceConfig
 from peftlab.tasks.base import output_scores
-
-REFERENCE_FREE = frozenset({"orpo", "simpo"})  # objectives without a reference model
-
-
-@dataclass(frozen=True)
-class Objective:
-    """The objective and its knobs (the run config's ``preference`` section, kept in the run's meta)."""
-
-    loss: str = "dpo"
-    beta: float = 0.1
-    simpo_gamma: float = 0.5
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    precompute_reference: bool = False
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> Objective:
-        raw = raw or {}
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-    @property
-    def uses_reference(self) -> bool:
-        return self.loss not in REFERENCE_FREE
 
 
 @dataclass
 class SequenceLogps:
-    """Per sequence: the completion's summed log-probability and its token count; ``nll``: the mean next-token loss
-    over every token (prompt included) of each sequence's non-padding part, summed per row (ORPO's SFT term)."""
+    """Per sequence: the completion's summed log-probability and its token count, and the next-token loss summed over
+    every non-padding token, prompt included, with their count (ORPO's SFT term)."""
 
     logps: torch.Tensor  # (rows,)
     tokens: torch.Tensor  # (rows,) completion tokens
@@ -79,7 +53,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def pair_loss(objective: Objective, chosen: SequenceLogps, rejected: SequenceLogps,
+def pair_loss(objective: PreferenceConfig, chosen: SequenceLogps, rejected: SequenceLogps,
               ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A paired objective's per-pair losses and its per-pair logged values (TRL's names), unreduced."""
@@ -118,7 +92,7 @@ def pair_loss(objective: Objective, chosen: SequenceLogps, rejected: SequenceLog
     return losses, {k: v.detach() for k, v in logged.items()}
 
 
-def kto_loss(objective: Objective, policy: SequenceLogps, reference: torch.Tensor, desirable: torch.Tensor,
+def kto_loss(objective: PreferenceConfig, policy: SequenceLogps, reference: torch.Tensor, desirable: torch.Tensor,
              kl: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """KTO's loss over a batch of unpaired rows (``desirable``: bool per row) and its logged values (batch means,
     as TRL logs them); ``kl``: the batch's estimate of KL(policy || reference), clamped at 0 and detached."""

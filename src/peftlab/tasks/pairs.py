@@ -55,7 +55,7 @@ def _check_rows(dataset: datasets.Dataset, data: DataConfig, shape: Layout, wher
     completions = (data.chosen_column, data.rejected_column) if shape.paired else (data.completion_column,)
     prompt = (data.prompt_column,) if data.prompt_column in dataset.column_names else ()
     for column in (*prompt, *completions):
-        empty = [i for i, value in enumerate(dataset[column]) if _is_empty(value)]
+        empty = [i for i, value in enumerate(dataset[column]) if is_empty(value)]
         if empty:
             raise DataError(f'{where} has {len(empty)} empty value(s) in column "{column}" (rows '
                             f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}; counted from 0)",
@@ -75,7 +75,8 @@ def _check_rows(dataset: datasets.Dataset, data: DataConfig, shape: Layout, wher
                             "mark each completion desirable (true, 1) or not (false, 0)")
 
 
-def _is_empty(value: Any) -> bool:
+def is_empty(value: Any) -> bool:
+    """A missing value: None, blank text, or a conversation without content."""
     if isinstance(value, list):
         return not value or not any(str(m.get("content", "")).strip() for m in value if isinstance(m, dict))
     return value is None or not str(value).strip()

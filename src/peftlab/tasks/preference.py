@@ -30,14 +30,14 @@ from typing import Any
 import datasets
 import torch
 
-from peftlab.config import DataConfig
+from peftlab.config import DataConfig, PreferenceConfig
 from peftlab.errors import ConfigError, DataError
 from peftlab.model import load_base, pad_with_eos
 from peftlab.progress import warn
 from peftlab.tasks import pairs
 from peftlab.tasks.base import Baseline, Meta, model_device
 from peftlab.tasks.causal_lm import CausalLM
-from peftlab.tasks.objectives import Objective, SequenceLogps, kto_loss, pair_loss, sequence_logps
+from peftlab.tasks.objectives import SequenceLogps, kto_loss, pair_loss, sequence_logps
 
 
 @dataclass
@@ -46,15 +46,15 @@ class PreferenceMeta:
 
     mode: str = "text"  # "text" | "chat": how prompts and completions are written
     paired: bool = True  # the evaluation rows are chosen / rejected pairs; False: KTO's unpaired rows
-    objective: Objective = field(default_factory=Objective)
+    objective: PreferenceConfig = field(default_factory=PreferenceConfig)  # the run config's section
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "paired": self.paired, "preference": self.objective.to_dict()}
+        return {"mode": self.mode, "paired": self.paired, "preference": self.objective.model_dump(mode="json")}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> PreferenceMeta:
         return cls(mode=raw.get("mode") or "text", paired=bool(raw.get("paired", True)),
-                   objective=Objective.from_dict(raw.get("preference")))
+                   objective=PreferenceConfig.model_validate(raw.get("preference") or {}))
 
     @classmethod
     def of(cls, meta: Meta) -> PreferenceMeta:
@@ -136,9 +136,12 @@ class PreferenceTuning(CausalLM):
     # --- model, evaluation ---------------------------------------------------------------
 
     def load_model(self, model, meta):
-        base = pad_with_eos(load_base(model, self.auto_class))
+        def load():
+            return pad_with_eos(load_base(model, self.auto_class))
+
+        base = load()
         # full fine-tuning's reference: the base as it was loaded, read again when first needed (see reference())
-        base.__dict__["_peftlab_reference_loader"] = lambda: pad_with_eos(load_base(model, self.auto_class))
+        base.__dict__["_peftlab_reference_loader"] = load
         return base
 
     @torch.no_grad()
@@ -192,8 +195,9 @@ def _reference_free(policy: SequenceLogps, batch: dict[str, torch.Tensor]) -> di
 @contextlib.contextmanager
 def reference(model: torch.nn.Module):
     """The module whose log-probabilities are the reference: the model with its adapter switched off; for a model
-    whose own weights train (full fine-tuning, selective techniques), a frozen copy of the base read once from where
-    the base came from; None where no reference is known (a bare base, or a reloaded full fine-tune)."""
+    whose own weights train (full fine-tuning, selective techniques) or whose adapter rewrote the base (PiSSA, OLoRA),
+    a frozen copy of the base read once from where the base came from; None where no reference is known (a bare base,
+    or a reloaded full fine-tune)."""
     from peft import PeftModel
 
     inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper
@@ -201,26 +205,28 @@ def reference(model: torch.nn.Module):
         with inner.disable_adapter():
             yield model
         return
-    if isinstance(inner, PeftModel):  # PiSSA, OLoRA: the adapter switched off leaves the base's residual, not the base
-        inner = inner.get_base_model()
-    frozen = inner.__dict__.get("_peftlab_reference")
-    loader = inner.__dict__.get("_peftlab_reference_loader")
+    base = _base(model)
+    frozen = base.__dict__.get("_peftlab_reference")
+    loader = base.__dict__.get("_peftlab_reference_loader")
     if frozen is None and loader is not None and any(p.requires_grad for p in model.parameters()):
-        parameter = next(inner.parameters())
+        parameter = next(base.parameters())
         frozen = loader().to(device=parameter.device, dtype=parameter.dtype).eval().requires_grad_(False)
-        if frozen.get_input_embeddings().weight.shape != inner.get_input_embeddings().weight.shape:
-            frozen.resize_token_embeddings(inner.get_input_embeddings().weight.shape[0])  # added tokens
-        inner.__dict__["_peftlab_reference"] = frozen  # not a submodule: never saved, never trained
+        rows = base.get_input_embeddings().weight.shape[0]
+        if frozen.get_input_embeddings().weight.shape[0] != rows:
+            frozen.resize_token_embeddings(rows)  # added tokens
+        base.__dict__["_peftlab_reference"] = frozen  # not a submodule: never saved, never trained
     yield frozen
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under accelerate's and peft's wrappers (where load_model left the reference loader)."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     """The frozen reference copy :func:`reference` made for ``model``, if it made one."""
-    from peft import PeftModel
-
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if isinstance(inner, PeftModel) else inner
-    return inner.__dict__.get("_peftlab_reference")
+    return _base(model).__dict__.get("_peftlab_reference")
 
 
 def _rewrites_base(model) -> bool:
@@ -280,7 +286,7 @@ class PreferenceLoss:
     """The training loss ``loss(model, batch)`` of an objective; ``logged()`` gives the means of TRL's logged values
     since its last call (the loss curve's entries carry them)."""
 
-    def __init__(self, objective: Objective, cache: bool):
+    def __init__(self, objective: PreferenceConfig, cache: bool):
         self.objective = objective
         self.cache: dict[int, float] | None = {} if cache and objective.uses_reference else None
         self._logged: dict[str, list[float]] = defaultdict(list)
@@ -317,19 +323,17 @@ class PreferenceLoss:
         objective = self.objective
         kto = objective.loss == "kto"
         kl_batch = _rotated(batch) if kto else None
-        ref = ref_kl = None
+        ref = ref_kl = policy_kl = None
         if objective.uses_reference:
             with torch.no_grad():
-                policy_kl = sequence_logps(model, **kl_batch).logps if kto else None
-                cached = self._cached(batch)
-                if cached is None or kto:
+                ref = self._cached(batch)
+                if ref is None or kto:  # KTO's KL rows change with the batch: never cached
                     with reference(model) as frozen:
                         if frozen is None:
                             return None
-                        ref = cached if cached is not None else self._reference_logps(frozen, batch)
+                        ref = self._reference_logps(frozen, batch) if ref is None else ref
                         ref_kl = sequence_logps(frozen, **kl_batch).logps if kto else None
-                else:
-                    ref = cached
+                policy_kl = sequence_logps(model, **kl_batch).logps if kto else None  # the adapter on again
         half = len(batch["row"])
         if kto:
             desirable = batch.get("desirable")

@@ -129,12 +129,6 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text if text.endswith(eos) else text + eos)["input_ids"]
 
 
-def _is_empty(value: Any) -> bool:
-    if isinstance(value, list):
-        return not value
-    return value is None or not str(value).strip()
-
-
 class RewardModel(WithoutClasses):
     """prompt + chosen / rejected completions -> a scalar reward (Bradley-Terry loss), scored by pairwise accuracy"""
 
@@ -336,7 +330,7 @@ class RewardModel(WithoutClasses):
         return record
 
     def _row_kind(self, row: dict[str, Any], data: DataConfig, index: int) -> str:
-        has = {column for column, value in row.items() if not _is_empty(value)}
+        has = {column for column, value in row.items() if not preference_data.is_empty(value)}
         if {data.chosen_column, data.rejected_column} <= has:  # the prompt: its column, or their shared beginning
             return "pair"
         if data.prompt_column in has and data.completion_column in has:
@@ -361,13 +355,13 @@ class RewardModel(WithoutClasses):
         for row, kind in zip(rows, kinds):
             if kind == "pair":
                 prompt, pair = preference_data.prompt_and_completions(
-                    {k: v for k, v in row.items() if k != data.prompt_column or not _is_empty(v)}, data)
+                    {k: v for k, v in row.items() if k != data.prompt_column or not preference_data.is_empty(v)}, data)
                 prompts.append(prompt)
                 completions.append(pair)
             elif kind == "completion":
                 prompts.append(row[data.prompt_column])
                 completions.append([row[data.completion_column]])
-            elif not _is_empty(row.get(pair_column)):
+            elif not preference_data.is_empty(row.get(pair_column)):
                 prompts.append(str(row[data.text_column]))
                 completions.append([str(row[pair_column])])
             else:
@@ -406,7 +400,7 @@ class RewardModel(WithoutClasses):
                 outputs.append({"prompt": row[data.prompt_column], "completion": row[data.completion_column],
                                 "score": mine[0]})
             else:
-                pair = None if _is_empty(row.get(pair_column)) else str(row[pair_column])
+                pair = None if preference_data.is_empty(row.get(pair_column)) else str(row[pair_column])
                 outputs.append(self.record(str(row[data.text_column]), pair, torch.tensor(mine), meta))
         return outputs
 
